@@ -1,0 +1,25 @@
+# Set-up and checks. On this project's machines `pip install torch==2.13.0` takes a local CPU wheel;
+# elsewhere override TORCH (e.g. `make test TORCH=torch CONSTRAINTS=/dev/null`).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+PIP = $(PYTHON) -m pip install -q -c $(CONSTRAINTS)
+
+.PHONY: install demo test bench lint
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PIP) -e ".[demo,test]"
+
+demo: install
+	$(PYTHON) -m curvkit demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PIP) -e ".[bench]"
+	$(PYTHON) benchmarks/engine_vs_anchors.py
+
+lint:
+	$(PYTHON) -m ruff check curvkit tests benchmarks

@@ -1,0 +1,1 @@
+"""Curvature analysis: loss landscapes, spectra, sharpness tracking."""

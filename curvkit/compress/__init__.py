@@ -1,0 +1,1 @@
+"""Compression from curvature: sensitivity, mixed-precision quantization, pruning."""

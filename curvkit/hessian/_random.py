@@ -1,0 +1,34 @@
+"""Randomness enters only through explicit seeds or generators; the global RNG is never touched."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+Seed = Union[None, int, torch.Generator]
+
+
+def make_generator(seed: Seed) -> torch.Generator:
+    """A private generator: ``None`` draws fresh OS entropy, an int seeds it, a Generator is used as is."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        gen.manual_seed(seed)
+    else:
+        raise TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+    return gen
+
+
+def rademacher(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``(n, k)`` float64 matrix of independent +-1 entries, drawn on the generator's device."""
+    z = torch.randint(0, 2, (n, k), generator=gen, device=gen.device, dtype=torch.int8)
+    return (z.to(device=device, dtype=torch.float64) * 2 - 1)
+
+
+def gaussian(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``(n, k)`` float64 standard normal matrix, drawn on the generator's device."""
+    return torch.randn(n, k, generator=gen, device=gen.device, dtype=torch.float64).to(device)

@@ -1,0 +1,174 @@
+"""Curvature operators: symmetric n x n linear maps defined by products, never stored densely."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from ._model import BorrowedLoss, ForwardFn, LossFn, ParamSpec, as_batches, batch_size, select_parameters, to_device
+
+_DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
+
+
+class CurvatureOperator:
+    """Base class: ``shape``, ``dtype``, ``device``, a product counter ``matvecs`` and ``@``.
+
+    Subclasses implement ``_matmat(V)`` for an ``(n, k)`` block and return it in float64.
+    ``H @ v`` accepts a flat ``(n,)`` vector, an ``(n, k)`` block, or a list of tensors shaped like
+    ``H.params``; the result has the same form (and ``v``'s dtype).
+    """
+
+    params: list[nn.Parameter]
+    param_names: list[str]
+
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str]):
+        self.params = list(params)
+        self.param_names = list(names)
+        self._sizes = [p.numel() for p in self.params]
+        n = sum(self._sizes)
+        self.shape = (n, n)
+        self.dtype = self.params[0].dtype
+        for p in self.params[1:]:
+            self.dtype = torch.promote_types(self.dtype, p.dtype)
+        self.device = self.params[0].device
+        self.matvecs = 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # abstract: every subclass defines its product
+
+    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat ``(n,)`` vector into views shaped like ``self.params``."""
+        return [c.view_as(p) for c, p in zip(torch.split(v, self._sizes), self.params)]
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors shaped like ``self.params`` into one flat vector."""
+        if len(tensors) != len(self.params) or any(t.shape != p.shape for t, p in zip(tensors, self.params)):
+            raise ValueError(
+                f"expected {len(self.params)} tensors shaped like H.params "
+                f"{[tuple(p.shape) for p in self.params]}, got {[tuple(t.shape) for t in tensors]}"
+            )
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def __matmul__(self, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return self.split(self @ self.flatten(v))
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"H @ v needs a tensor or a list of tensors, got {type(v).__name__}")
+        n = self.shape[0]
+        if v.dim() not in (1, 2) or v.shape[0] != n:
+            raise ValueError(f"H @ v needs v of shape ({n},) or ({n}, k); got {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"H @ v needs a floating-point v, got {v.dtype}")
+        V = v.reshape(n, -1).to(self.device)
+        out = self._matmat(V) if V.shape[1] else V.new_zeros(n, 0, dtype=torch.float64)
+        self.matvecs += V.shape[1]
+        return out.to(v.dtype).reshape(v.shape)
+
+    def to_scipy(self) -> LinearOperator:
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (float64, symmetric)."""
+        def matmat(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(X, dtype=np.float64), device=self.device)
+            return (self @ V).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat,
+                              dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n={self.shape[0]}, blocks={len(self.params)}, dtype={self.dtype}, "
+                f"device={self.device}, matvecs={self.matvecs})")
+
+
+class HessianOperator(CurvatureOperator):
+    r"""Hessian of the data-averaged loss w.r.t. (a block of) the model's parameters.
+
+    .. math:: H = \sum_b \frac{n_b}{N} \nabla^2_\theta \ell(f_\theta(x_b), y_b)
+
+    ``data`` is one batch ``(inputs, targets)`` or any re-iterable of batches (a DataLoader);
+    batches are weighted by their sample count. On one batch the gradient graph is built once and
+    reused for every product. The model is never mutated.
+
+    >>> H = HessianOperator(model, F.cross_entropy, (x, y))
+    >>> Hv = H @ torch.randn(H.shape[0])
+    >>> top = eigenvalues(H, k=5)
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
+                 forward: ForwardFn | None = None, bn_mode: str = "eval"):
+        names, tensors = select_parameters(model, params)
+        super().__init__(tensors, names)
+        self.model = model
+        self._loss = BorrowedLoss(model, loss_fn, names, forward=forward, bn_mode=bn_mode)
+        self._batches = as_batches(data)
+        self._single = isinstance(self._batches, list) and len(self._batches) == 1
+        self._cached: tuple | None = None
+
+    def _graph(self, batch: Any) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
+        """For one batch: the leaves, the indices of gradients that carry a graph, and those gradients.
+
+        Parameters that do not reach the loss, or whose gradient is constant, have a zero Hessian block.
+        """
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        loss = self._loss(leaves, to_device(batch, self.device))
+        if not loss.requires_grad:
+            return leaves, [], []
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return leaves, live, [grads[i] for i in live]
+
+    def _graphs(self):
+        """Yield ``(n_b, leaves, live, grads)`` per batch; the single-batch graph is built once and cached."""
+        if self._single:
+            if self._cached is None:
+                self._cached = self._graph(self._batches[0])
+            yield batch_size(self._batches[0]), *self._cached
+            return
+        for batch in self._batches:
+            yield batch_size(batch), *self._graph(batch)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        n, k = V.shape
+        out = torch.zeros(n, k, dtype=torch.float64, device=self.device)
+        total = 0
+        for weight, leaves, live, grads in self._graphs():
+            total += weight
+            if not live:
+                continue
+            for j in range(k):
+                chunks = self.split(V[:, j])
+                hv = self._vjp(grads, leaves, [chunks[i].to(grads[m].dtype) for m, i in enumerate(live)])
+                out[:, j].add_(torch.cat([
+                    (h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)
+                ]).to(torch.float64), alpha=weight)
+        if total == 0:
+            raise ValueError("data is empty: it yielded no batch or no samples")
+        out /= total
+        self._check_finite(out)
+        return out
+
+    @staticmethod
+    def _vjp(grads, leaves, vs):
+        try:
+            return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True)
+        except RuntimeError as err:
+            if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
+                raise RuntimeError(
+                    "an operation in the model does not support double backward, which Hessian-vector products "
+                    f"need ({err}). Replace it with a twice-differentiable operation, or restrict params= to "
+                    "parameters before it."
+                ) from err
+            raise
+
+    def _check_finite(self, out: torch.Tensor) -> None:
+        if torch.isfinite(out).all():
+            return
+        for name, chunk in zip(self.param_names, torch.split(out, self._sizes)):
+            if not torch.isfinite(chunk).all():
+                raise FloatingPointError(
+                    f"a Hessian-vector product is not finite in the block of parameter {name!r}; "
+                    "check the model for overflow (e.g. use float64 or a smaller learning rate)"
+                )

@@ -1,0 +1,1 @@
+"""Fused C++/CUDA kernels from csrc/ with pure-PyTorch references."""

@@ -1,0 +1,1 @@
+"""Second-order optimizers (AdaHessian, Sophia) built on the Hessian engine."""
