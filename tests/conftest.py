@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,10 +82,16 @@ def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tenso
         return torch.autograd.functional.hessian(loss, flat0)
 
 
+@functools.lru_cache(maxsize=None)
+def _model_and_hessian(kind: str):
+    model, x, y = make_model(kind)
+    return model, (x, y), dense_hessian(model, F.cross_entropy, [(x, y)])
+
+
 @pytest.fixture(params=MODEL_KINDS)
 def model_and_hessian(request):
-    model, x, y = make_model(request.param)
-    return model, (x, y), dense_hessian(model, F.cross_entropy, [(x, y)])
+    """(model, batch, dense Hessian), shared across tests: curvkit must never mutate the model."""
+    return _model_and_hessian(request.param)
 
 
 def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,24 +132,35 @@ class HessianOperator(CurvatureOperator):
             yield batch_size(batch), *self._graph(batch)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        n, k = V.shape
-        out = torch.zeros(n, k, dtype=torch.float64, device=self.device)
-        total = 0
+        k = V.shape[1]
+        rows = V.T.to(self.dtype).contiguous()
+        out, total = None, 0
         for weight, leaves, live, grads in self._graphs():
             total += weight
             if not live:
                 continue
-            for j in range(k):
-                chunks = self.split(V[:, j])
-                hv = self._vjp(grads, leaves, [chunks[i].to(grads[m].dtype) for m, i in enumerate(live)])
-                out[:, j].add_(torch.cat([
-                    (h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)
-                ]).to(torch.float64), alpha=weight)
+            products = [self._hvp(leaves, live, grads, rows[j]) for j in range(k)]
+            block = (products[0][None] if k == 1 else torch.stack(products)).to(torch.float64)
+            if self._single:
+                out = block
+            else:
+                out = block.mul_(weight) if out is None else out.add_(block, alpha=weight)
         if total == 0:
             raise ValueError("data is empty: it yielded no batch or no samples")
-        out /= total
+        if out is None:
+            return V.new_zeros(V.shape, dtype=torch.float64)
+        if not self._single:
+            out /= total
         self._check_finite(out)
-        return out
+        return out.T
+
+    def _hvp(self, leaves, live, grads, v: torch.Tensor) -> torch.Tensor:
+        """One product on one batch's graph; ``v`` is flat in parameter order."""
+        chunks = torch.split(v, self._sizes)
+        vs = [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
+              for g, i in zip(grads, live)]
+        hv = self._vjp(grads, leaves, vs)
+        return torch.cat([h.reshape(-1) if h is not None else v.new_zeros(p.numel()) for h, p in zip(hv, self.params)])
 
     @staticmethod
     def _vjp(grads, leaves, vs):
@@ -164,9 +176,9 @@ class HessianOperator(CurvatureOperator):
             raise
 
     def _check_finite(self, out: torch.Tensor) -> None:
-        if torch.isfinite(out).all():
+        if math.isfinite(out.sum()):  # one reduction: any nan/inf makes the sum non-finite
             return
-        for name, chunk in zip(self.param_names, torch.split(out, self._sizes)):
+        for name, chunk in zip(self.param_names, torch.split(out, self._sizes, dim=1)):
             if not torch.isfinite(chunk).all():
                 raise FloatingPointError(
                     f"a Hessian-vector product is not finite in the block of parameter {name!r}; "

@@ -87,6 +87,15 @@ def _hutchinson(products: _Products, gen, samples: torch.Tensor, rtol: float) ->
     return samples
 
 
+def _hutchinson_needs_more_than(samples: torch.Tensor, rtol: float, n: int) -> bool:
+    """Whether Hutchinson, at the pilot's variance, would need at least ``n`` probes to reach ``rtol``."""
+    if _reached(samples, rtol):
+        return False
+    mean, se = _mean_and_error(samples)
+    std = se * math.sqrt(samples.numel())
+    return mean == 0 or (std / (rtol * abs(mean))) ** 2 >= n
+
+
 def _residual_share(Z: torch.Tensor, HZ: torch.Tensor) -> float:
     """Share of ||H||_F^2 that a sketch from half the pilot leaves, measured on the other half."""
     half = Z.shape[1] // 2
@@ -98,19 +107,20 @@ def _residual_share(Z: torch.Tensor, HZ: torch.Tensor) -> float:
 
 def _extend_basis(products: _Products, Q: torch.Tensor, Z: torch.Tensor, Y_new: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Orthonormal Q spanning [Q, Y_new] and Z = H Q; ``captured`` when Y_new adds no direction.
+    """Orthonormal Q spanning [Q, Y_new] and Z = H Q; ``captured`` when Y_new is rank deficient.
 
-    If (I - QQ^T) H omega vanishes for a random omega then (I - QQ^T) H = 0 almost surely, so
-    tr H = tr(Q^T H Q) exactly.
+    For random test vectors, rank [Y, Y_new] < its column count only if it already equals rank H;
+    then span Q = range H almost surely and tr H = tr(Q^T H Q) exactly.
     """
     R = Y_new.clone()
     for _ in range(2):
         R -= Q @ (Q.T @ R)
-    Q_new, upper = torch.linalg.qr(R)
-    captured = bool((upper.diagonal().abs() <= 1e3 * eps * Y_new.norm(dim=0)).any())
-    if captured:
-        return Q, Z, True
-    return torch.cat([Q, Q_new], 1), torch.cat([Z, products(Q_new)], 1), False
+    U, sv, _ = torch.linalg.svd(R, full_matrices=False)
+    keep = sv > 1e3 * eps * float(Y_new.norm(dim=0).max())
+    Q_add = U[:, keep]
+    if Q_add.shape[1]:
+        Q, Z = torch.cat([Q, Q_add], 1), torch.cat([Z, products(Q_add)], 1)
+    return Q, Z, Q_add.shape[1] < Y_new.shape[1]
 
 
 def _xtrace_samples(Omega: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
@@ -205,15 +215,12 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
             Z = rademacher(n, min(PILOT, budget), gen, H.device)
             HZ = products(Z)
             samples = (Z * HZ).sum(0).cpu()
-            mean, se = _mean_and_error(samples)
-            needed = (se * math.sqrt(samples.numel()) / (rtol * abs(mean))) ** 2 if mean else math.inf
-            if not _reached(samples, rtol) and needed >= n and n <= products.left:
-                diag = _exact_diagonal(products, n)
-                return _result(float(diag.sum()), 0.0, 1, products.used, "exact", rtol)
             low_rank = method == "xtrace" or (method == "auto" and not _reached(samples, rtol)
                                               and n >= 4 * PILOT and _residual_share(Z, HZ) < LOW_RANK_SHARE)
             if low_rank:
                 result = _xtrace(products, gen, Z, HZ, rtol)
+            elif _hutchinson_needs_more_than(samples, rtol, n) and n <= products.left:
+                return _result(float(_exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
             else:
                 samples = _hutchinson(products, gen, samples, rtol)
                 mean, se = _mean_and_error(samples)
