@@ -31,7 +31,7 @@ def load_digits_tensors(seed: int = 0):
 def train_mlp(train, seconds: float = 3.0, seed: int = 0) -> nn.Module:
     """A 64-32-10 tanh MLP trained with Adam for about ``seconds`` (at most 60 epochs)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     X, y = train
     gen = torch.Generator().manual_seed(seed)
