@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from ._model import BorrowedLoss, ForwardFn, LossFn, ParamSpec, as_batches, batc
 _DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
 
 
-class CurvatureOperator:
+class CurvatureOperator(ABC):
     """Base class: ``shape``, ``dtype``, ``device``, a product counter ``matvecs`` and ``@``.
 
     Subclasses implement ``_matmat(V)`` for an ``(n, k)`` block and return it in float64.
@@ -39,8 +40,9 @@ class CurvatureOperator:
         self.device = self.params[0].device
         self.matvecs = 0
 
+    @abstractmethod
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract: every subclass defines its product
+        """``H @ V`` for an ``(n, k)`` block, returned in float64."""
 
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Split a flat ``(n,)`` vector into views shaped like ``self.params``."""

@@ -1,1 +1,17 @@
-"""Second-order optimizers (AdaHessian, Sophia) built on the Hessian engine."""
+"""Second-order optimizers built on the Hessian engine, drop-in ``torch.optim`` optimizers.
+
+>>> from curvkit.optim import AdaHessian
+>>> opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
+>>> loss = opt.step(lambda: loss_fn(model(x), y))   # the optimizer differentiates; no backward here
+
+Data-parallel training with torch.distributed (DDP cannot double-backward): wrap nothing, keep
+one replica per rank, feed each rank its shard, and construct the optimizer after
+``init_process_group``. Gradients and curvature estimates are then averaged over ranks with one
+all-reduce per step and the probes are identical on every rank (a shared seed), so replicas
+stay bit-identical.
+"""
+
+from .adahessian import AdaHessian
+from .sophia import Sophia
+
+__all__ = ["AdaHessian", "Sophia"]

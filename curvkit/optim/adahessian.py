@@ -1,0 +1,77 @@
+"""AdaHessian (Yao et al. 2021) as a drop-in ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._base import CurvatureOptimizer, Estimator, validate_common
+
+
+def spatial_average(d: torch.Tensor) -> torch.Tensor:
+    """Average a diagonal estimate over the kernel window of a conv weight (dims 2.., any rank)."""
+    if d.dim() < 3:
+        return d
+    return d.mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
+
+
+class AdaHessian(CurvatureOptimizer):
+    r"""AdaHessian: Adam with the squared gradient replaced by a squared Hessian-diagonal estimate.
+
+    With D_t = z * (H z) (Rademacher z; signed, averaged over conv kernel windows),
+    m_t = EMA_{b1}(g), v_t = EMA_{b2}(D^2) updated every ``update_each`` steps,
+    .. math:: \theta \leftarrow \theta (1 - lr\,wd) - lr \frac{m_t / (1 - b_1^t)}{(v_t / (1 - b_2^{s}))^{k/2} + eps}
+    where s counts the curvature updates actually made and k is ``hessian_power``.
+    Note E[D_i^2] = ||H_{i,:}||^2: the denominator tracks Hessian row norms.
+
+    >>> opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
+    >>> loss = opt.step(lambda: loss_fn(model(x), y))     # no backward in the closure
+    """
+
+    def __init__(self, params, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-4,
+                 weight_decay: float = 0.0, hessian_power: float = 1.0, update_each: int = 1, n_samples: int = 1,
+                 spatial_average: bool = True, seed: Any = None, fused: bool | None = None,
+                 estimator: Estimator = "hutchinson", distributed: bool | None = None):
+        validate_common(lr, betas, weight_decay, update_each, n_samples, estimator, fused)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r} (tiny eps such as 1e-16 makes the first steps explode)")
+        if not 0 <= hessian_power <= 1:
+            raise ValueError(f"hessian_power must be in [0, 1], got {hessian_power!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                        spatial_average=spatial_average)
+        super().__init__(params, defaults, update_each=update_each, n_samples=n_samples, estimator=estimator,
+                         seed=seed, distributed=distributed)
+
+    def _update(self, group, params, grads, curvature):
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = 0
+                st["curvature_updates"] = 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+        exp_avg = [st["exp_avg"] for st in states]
+        exp_sq = [st["exp_hessian_diag_sq"] for st in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        if curvature is not None:
+            if group["spatial_average"]:
+                curvature = [spatial_average(d) for d in curvature]
+            torch._foreach_mul_(exp_sq, beta2)
+            torch._foreach_addcmul_(exp_sq, curvature, curvature, value=1 - beta2)
+            for st in states:
+                st["curvature_updates"] += 1
+        if any(st["curvature_updates"] == 0 for st in states):
+            raise RuntimeError("a parameter received a gradient before any curvature estimate; "
+                               "this happens when a parameter joins after the first step with update_each > 1")
+        denom = torch._foreach_div(exp_sq, [1 - beta2 ** st["curvature_updates"] for st in states])
+        if group["hessian_power"] == 1:
+            torch._foreach_sqrt_(denom)
+        else:
+            torch._foreach_pow_(denom, group["hessian_power"] / 2)
+        torch._foreach_add_(denom, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-group["lr"] / (1 - beta1 ** st["step"]) for st in states])
