@@ -82,7 +82,7 @@ def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tenso
         return torch.autograd.functional.hessian(loss, flat0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_and_hessian(kind: str):
     model, x, y = make_model(kind)
     return model, (x, y), dense_hessian(model, F.cross_entropy, [(x, y)])

@@ -15,7 +15,6 @@ import math
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from scipy.stats import t as student_t
 

@@ -118,7 +118,8 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                                  "(and must not call backward itself)")
             trainable = [p for p in params if p.requires_grad]
             gnb = refresh and self.estimator == "gnb"
-            grads = torch.autograd.grad(loss, trainable, create_graph=refresh and not gnb, retain_graph=True if gnb else None,
+            grads = torch.autograd.grad(loss, trainable, create_graph=refresh and not gnb,
+                                        retain_graph=True if gnb else None,
                                         allow_unused=True)
             live = [p for p, g in zip(trainable, grads) if g is not None]
             grads = [g for g in grads if g is not None]

@@ -35,7 +35,7 @@ class AdaHessian(CurvatureOptimizer):
                  estimator: Estimator = "hutchinson", distributed: bool | None = None):
         validate_common(lr, betas, weight_decay, update_each, n_samples, estimator, fused)
         if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r} (tiny eps such as 1e-16 makes the first steps explode)")
+            raise ValueError(f"eps must be positive, got {eps!r} (a tiny eps such as 1e-16 makes first steps explode)")
         if not 0 <= hessian_power <= 1:
             raise ValueError(f"hessian_power must be in [0, 1], got {hessian_power!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from scipy.stats import wasserstein_distance  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import wasserstein_distance
 
-from curvkit.hessian import HessianOperator, density  # noqa: E402
-from tests.conftest import spectrum_matrix  # noqa: E402
+from curvkit.hessian import HessianOperator, density
+from tests.conftest import spectrum_matrix
 
 
 def test_quadrature_matches_exact_spectrum_in_wasserstein_distance():

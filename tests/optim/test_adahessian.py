@@ -92,7 +92,9 @@ def test_digits_mlp_reaches_at_least_adams_accuracy():
     assert ada > 0.9
 
 
-@pytest.mark.parametrize("conv, shape", [(nn.Conv1d, (8, 2, 9)), (nn.Conv2d, (8, 2, 7, 7)), (nn.Conv3d, (8, 2, 5, 5, 5))])
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv1d, (8, 2, 9)), (nn.Conv2d, (8, 2, 7, 7)), (nn.Conv3d, (8, 2, 5, 5, 5)),
+])
 def test_conv_models_of_every_rank_train(conv, shape):
     torch.manual_seed(0)
     model = nn.Sequential(conv(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
