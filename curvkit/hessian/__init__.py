@@ -8,12 +8,12 @@
 from .density import Spectrum, density
 from .eigen import eigenvalues
 from .lanczos import Lanczos
-from .operator import CurvatureOperator, HessianOperator
+from .operator import CurvatureOperator, HessianOperator, ModelOperator
 from .results import DiagResult, EigResult, TraceResult
 from .trace import diagonal, trace
 
 __all__ = [
-    "CurvatureOperator", "HessianOperator", "Lanczos",
+    "CurvatureOperator", "ModelOperator", "HessianOperator", "Lanczos",
     "eigenvalues", "trace", "diagonal", "density",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
 ]

@@ -5,16 +5,25 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.distributed
 
 Seed = Union[None, int, torch.Generator]
 
 
-def make_generator(seed: Seed) -> torch.Generator:
-    """A private generator: ``None`` draws fresh OS entropy, an int seeds it, a Generator is used as is."""
+def make_generator(seed: Seed, shared: bool = False) -> torch.Generator:
+    """A private generator: ``None`` draws fresh OS entropy, an int seeds it, a Generator is used as is.
+
+    ``shared=True`` (torch.distributed) makes a ``None`` seed identical on every rank by
+    broadcasting rank 0's entropy, so all ranks draw the same probes.
+    """
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator()
-    if seed is None:
+    if seed is None and shared:
+        entropy = torch.randint(0, 2**62, (1,), generator=make_generator(None))
+        torch.distributed.broadcast(entropy, src=0)
+        gen.manual_seed(int(entropy))
+    elif seed is None:
         gen.seed()
     elif isinstance(seed, int) and not isinstance(seed, bool):
         gen.manual_seed(seed)

@@ -114,7 +114,7 @@ def density(H: Any, n_probes: int | None = None, n_iter: int | None = None, seed
     n_iter = min(DEFAULT_STEPS, n) if n_iter is None else int(n_iter)
     if n_probes < 1 or n_iter < 1:
         raise ValueError(f"n_probes and n_iter must be positive, got {n_probes} and {n_iter}")
-    gen = make_generator(seed)
+    gen = make_generator(seed, shared=getattr(H, "distributed", False))
     lanczos = Lanczos(H, rademacher(n, n_probes, gen, H.device), n_iter)
     with progress_bar(total=lanczos.max_steps, desc="slq", enable=progress) as bar:
         while not lanczos.done:

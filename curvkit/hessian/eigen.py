@@ -66,7 +66,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
         raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}: Lanczos needs at least k+1 products")
     budget = min(budget, n)
 
-    gen = make_generator(seed)
+    gen = make_generator(seed, shared=getattr(H, "distributed", False))
     lanczos = Lanczos(H, gaussian(n, 1, gen, H.device), budget)
     floor = 10 * operator_eps(H)
     converged = False

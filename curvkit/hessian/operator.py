@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
@@ -86,78 +88,137 @@ class CurvatureOperator(ABC):
                 f"device={self.device}, matvecs={self.matvecs})")
 
 
-class HessianOperator(CurvatureOperator):
+class ModelOperator(CurvatureOperator):
+    r"""An operator of a model's data-averaged loss: H = sum_b (n_b / N) H_b over batches b.
+
+    Owns the data loop: batches are weighted by sample count; the per-batch state (a gradient
+    graph) of a single batch is built once and cached; a block of k products is computed in
+    lock-step (each batch's state built once per block) in chunks of at most ``max_block``
+    columns; under torch.distributed each rank's data is a shard and every block is
+    all-reduced once (sample-count weighted). Subclasses define ``_prepare(batch)`` and
+    ``_product(state, v)``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
+                 forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 64,
+                 distributed: bool | None = None, timeout: float = 300.0):
+        names, tensors = select_parameters(model, params)
+        super().__init__(tensors, names)
+        if not isinstance(max_block, int) or max_block < 1:
+            raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
+        self.model = model
+        self.max_block = max_block
+        self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
+        if self.distributed and not dist.is_initialized():
+            raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self._loss = BorrowedLoss(model, loss_fn, names, forward=forward, bn_mode=bn_mode)
+        self._batches = as_batches(data)
+        self._single = isinstance(self._batches, list) and len(self._batches) == 1
+        self._cached: Any = None
+
+    @abstractmethod
+    def _prepare(self, batch: Any) -> Any:
+        """Per-batch state reused by every product on that batch (e.g. the gradient graph)."""
+
+    @abstractmethod
+    def _product(self, state: Any, v: torch.Tensor) -> torch.Tensor | None:
+        """One product on one batch, flat in parameter order (None if it is identically zero)."""
+
+    def _states(self):
+        """Yield ``(n_b, state)`` per local batch; a single batch's state is built once and cached."""
+        if self._single:
+            if self._cached is None:
+                self._cached = self._prepare(to_device(self._batches[0], self.device))
+            yield batch_size(self._batches[0]), self._cached
+            return
+        for batch in self._batches:
+            yield batch_size(batch), self._prepare(to_device(batch, self.device))
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        rows = V.T.to(self.dtype).contiguous()
+        blocks = [self._block(rows[i:i + self.max_block]) for i in range(0, rows.shape[0], self.max_block)]
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        self._check_finite(out)
+        return out.T
+
+    def _block(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sample-weighted mean over batches (and ranks) of the products with ``rows`` (k, n)."""
+        out = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
+        total = 0
+        for weight, state in self._states():
+            total += weight
+            products = [self._product(state, row) for row in rows]
+            if products[0] is None:
+                continue
+            block = products[0][None] if len(products) == 1 else torch.stack(products)
+            if self._single and not self.distributed:
+                return block.to(torch.float64)
+            out.add_(block.to(torch.float64), alpha=weight)
+        if self.distributed:
+            total = self._all_reduce(out, total)
+        if total == 0:
+            raise ValueError("data is empty: it yielded no batch or no samples")
+        return out.div_(total)
+
+    def _all_reduce(self, out: torch.Tensor, total: int) -> int:
+        """Sum ``out`` and the sample count over ranks in one all-reduce; a dead or hung rank times out."""
+        buf = torch.cat([out.reshape(-1), out.new_tensor([float(total)])])
+        work = dist.all_reduce(buf, async_op=True)
+        try:
+            finished = work.wait(timeout=self.timeout)
+        except RuntimeError as err:
+            raise RuntimeError(f"a torch.distributed all-reduce did not finish within {self.timeout}: "
+                               f"a rank died, hangs, or runs a different number of products ({err})") from err
+        if finished is False:
+            raise RuntimeError(f"a torch.distributed all-reduce did not finish within {self.timeout}")
+        out.copy_(buf[:-1].view_as(out))
+        return int(round(float(buf[-1])))
+
+    def _check_finite(self, out: torch.Tensor) -> None:
+        if math.isfinite(out.sum()):  # one reduction: any nan/inf makes the sum non-finite
+            return
+        for name, chunk in zip(self.param_names, torch.split(out, self._sizes, dim=1)):
+            if not torch.isfinite(chunk).all():
+                raise FloatingPointError(
+                    f"a {type(self).__name__} product is not finite in the block of parameter {name!r}; "
+                    "check the model for overflow (e.g. use float64 or a smaller learning rate)"
+                )
+
+
+class HessianOperator(ModelOperator):
     r"""Hessian of the data-averaged loss w.r.t. (a block of) the model's parameters.
 
     .. math:: H = \sum_b \frac{n_b}{N} \nabla^2_\theta \ell(f_\theta(x_b), y_b)
 
     ``data`` is one batch ``(inputs, targets)`` or any re-iterable of batches (a DataLoader);
     batches are weighted by their sample count. On one batch the gradient graph is built once and
-    reused for every product. The model is never mutated.
+    reused for every product; on a dataset each batch's graph serves a whole block of products.
+    Under torch.distributed (``distributed=None`` detects it) each rank holds a shard of the data.
+    The model is never mutated.
 
     >>> H = HessianOperator(model, F.cross_entropy, (x, y))
     >>> Hv = H @ torch.randn(H.shape[0])
     >>> top = eigenvalues(H, k=5)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
-                 forward: ForwardFn | None = None, bn_mode: str = "eval"):
-        names, tensors = select_parameters(model, params)
-        super().__init__(tensors, names)
-        self.model = model
-        self._loss = BorrowedLoss(model, loss_fn, names, forward=forward, bn_mode=bn_mode)
-        self._batches = as_batches(data)
-        self._single = isinstance(self._batches, list) and len(self._batches) == 1
-        self._cached: tuple | None = None
-
-    def _graph(self, batch: Any) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
-        """For one batch: the leaves, the indices of gradients that carry a graph, and those gradients.
+    def _prepare(self, batch: Any) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
+        """The leaves, the indices of gradients that carry a graph, and those gradients.
 
         Parameters that do not reach the loss, or whose gradient is constant, have a zero Hessian block.
         """
         leaves = [p.detach().requires_grad_() for p in self.params]
-        loss = self._loss(leaves, to_device(batch, self.device))
+        loss = self._loss(leaves, batch)
         if not loss.requires_grad:
             return leaves, [], []
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return leaves, live, [grads[i] for i in live]
 
-    def _graphs(self):
-        """Yield ``(n_b, leaves, live, grads)`` per batch; the single-batch graph is built once and cached."""
-        if self._single:
-            if self._cached is None:
-                self._cached = self._graph(self._batches[0])
-            yield batch_size(self._batches[0]), *self._cached
-            return
-        for batch in self._batches:
-            yield batch_size(batch), *self._graph(batch)
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        rows = V.T.to(self.dtype).contiguous()
-        out, total = None, 0
-        for weight, leaves, live, grads in self._graphs():
-            total += weight
-            if not live:
-                continue
-            products = [self._hvp(leaves, live, grads, rows[j]) for j in range(k)]
-            block = (products[0][None] if k == 1 else torch.stack(products)).to(torch.float64)
-            if self._single:
-                out = block
-            else:
-                out = block.mul_(weight) if out is None else out.add_(block, alpha=weight)
-        if total == 0:
-            raise ValueError("data is empty: it yielded no batch or no samples")
-        if out is None:
-            return V.new_zeros(V.shape, dtype=torch.float64)
-        if not self._single:
-            out /= total
-        self._check_finite(out)
-        return out.T
-
-    def _hvp(self, leaves, live, grads, v: torch.Tensor) -> torch.Tensor:
-        """One product on one batch's graph; ``v`` is flat in parameter order."""
+    def _product(self, state, v: torch.Tensor) -> torch.Tensor | None:
+        leaves, live, grads = state
+        if not live:
+            return None
         chunks = torch.split(v, self._sizes)
         vs = [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
               for g, i in zip(grads, live)]
@@ -172,17 +233,7 @@ class HessianOperator(CurvatureOperator):
             if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
                 raise RuntimeError(
                     "an operation in the model does not support double backward, which Hessian-vector products "
-                    f"need ({err}). Replace it with a twice-differentiable operation, or restrict params= to "
-                    "parameters before it."
+                    f"need ({err}). Use GGNOperator (first derivatives of the model only), replace the operation "
+                    "with a twice-differentiable one, or restrict params= to parameters before it."
                 ) from err
             raise
-
-    def _check_finite(self, out: torch.Tensor) -> None:
-        if math.isfinite(out.sum()):  # one reduction: any nan/inf makes the sum non-finite
-            return
-        for name, chunk in zip(self.param_names, torch.split(out, self._sizes, dim=1)):
-            if not torch.isfinite(chunk).all():
-                raise FloatingPointError(
-                    f"a Hessian-vector product is not finite in the block of parameter {name!r}; "
-                    "check the model for overflow (e.g. use float64 or a smaller learning rate)"
-                )

@@ -203,7 +203,7 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
     budget = DEFAULT_TRACE_BUDGET if max_matvecs is None else int(max_matvecs)
     if budget < 2:
         raise ValueError(f"max_matvecs={max_matvecs} is too small: a standard error needs at least 2 products")
-    gen = make_generator(seed)
+    gen = make_generator(seed, shared=getattr(H, "distributed", False))
     with progress_bar(total=min(budget, n) if n <= PILOT else budget, desc="trace", enable=progress) as bar:
         products = _Products(H, budget, bar)
         if n <= min(PILOT, budget):
@@ -248,7 +248,7 @@ def diagonal(H: Any, max_matvecs: int | None = None, seed: Seed = None,
     budget = DEFAULT_DIAG_BUDGET if max_matvecs is None else int(max_matvecs)
     if budget < 2:
         raise ValueError(f"max_matvecs={max_matvecs} is too small: a standard error needs at least 2 products")
-    gen = make_generator(seed)
+    gen = make_generator(seed, shared=getattr(H, "distributed", False))
     with progress_bar(total=min(n, budget), desc="diagonal", enable=progress) as bar:
         products = _Products(H, budget, bar)
         if n <= budget:

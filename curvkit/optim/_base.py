@@ -57,16 +57,8 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         self.n_samples = n_samples
         self.estimator = estimator
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
-        if self.distributed and seed is None:
-            seed = self._shared_seed()
-        self._generator = make_generator(seed)
+        self._generator = make_generator(seed, shared=self.distributed)
         self._steps = 0
-
-    @staticmethod
-    def _shared_seed() -> int:
-        seed = torch.randint(0, 2**62, (1,), generator=make_generator(None))
-        dist.broadcast(seed, src=0)
-        return int(seed)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -1,0 +1,457 @@
+"""curvkit.optim (AdaHessian, Sophia) against Adam/AdamW, torch-optimizer 0.3.0 and pytorch-optimizer 4.1.0.
+
+Two parts, in one process, on sklearn's 8x8 digits (64-32-10 tanh MLP and a small conv net):
+
+1. accuracy: test accuracy and loss after a fixed number of epochs (mean +- std over seeds); learning
+   rates are picked on a validation split carved out of the training set, never on the test set,
+   then the model is retrained on the whole training set;
+2. step time: one training step (forward, derivatives, update) of every optimizer, interleaved step by
+   step on copies of the same model and the same batches, against Adam and against the "autograd floor"
+   (forward + grad(create_graph=True) + one Hessian-vector product: the bare work of an AdaHessian step).
+
+A broken anchor prints ``n/a (reason)`` instead of stopping the run.
+
+    pip install -c constraints.txt torch-optimizer pytorch-optimizer   # the anchors
+    python benchmarks/optimizers.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/optimizers.py --quick    # about 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# Before torch loads libgomp: spinning OpenMP workers distort timings on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# This checkout's curvkit, wherever an editable install happens to point.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvkit.demo import load_digits_tensors
+from curvkit.optim import AdaHessian, Sophia
+
+BATCH = 64
+FLOOR_TARGET = 1.1     # curvkit AdaHessian(update_each=1) step <= 1.1x the autograd floor
+LAZY_TARGET = 1.2      # curvkit AdaHessian(update_each=10) step <= 1.2x an Adam step
+ANCHOR_TARGET = 0.9    # curvkit AdaHessian step <= 0.9x torch-optimizer's Adahessian at equal settings
+FAILURES = (ArithmeticError, AssertionError, AttributeError, ImportError, LookupError, RuntimeError, TypeError,
+            ValueError, PackageNotFoundError)
+
+
+@dataclass
+class Config:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 20
+    adam_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    adahessian_grid: tuple[float, ...] = (0.05, 0.15, 0.3)
+    sophia_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    steps: int = 200
+    warmup: int = 20
+
+
+QUICK = Config(seeds=(0,), epochs=8, steps=60, warmup=10)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+MODELS = {"MLP 64-32-10 tanh": mlp, "CNN conv8-conv16-avgpool-linear": cnn}
+
+
+# --------------------------------------------------------------------------------------------- optimizers
+
+# How a step is driven: "backward" (first order), "closure" (curvkit: the optimizer differentiates),
+# "create_graph" (anchors: loss.backward(create_graph=True) then step()).
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def backward_step(model: nn.Module, opt) -> Step:
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def closure_step(model: nn.Module, opt) -> Step:
+    return lambda x, y: opt.step(lambda: F.cross_entropy(model(x), y))
+
+
+def create_graph_step(model: nn.Module, opt) -> Step:
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)  # drops last step's graph-carrying .grad (a reference cycle otherwise)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=True)
+        opt.step()
+        return loss.detach()
+    return step
+
+
+DRIVERS = {"backward": backward_step, "closure": closure_step, "create_graph": create_graph_step}
+
+
+@dataclass
+class Method:
+    """One optimizer configuration: ``build(params, seed)`` returns the optimizer."""
+
+    label: str
+    build: Callable[..., torch.optim.Optimizer]
+    drive: str
+    lr: float | None = None
+
+    def stepper(self, model: nn.Module, seed: int) -> Step:
+        return DRIVERS[self.drive](model, self.build(list(model.parameters()), seed))
+
+
+def adam(lr: float) -> Method:
+    return Method(f"Adam lr={lr:g}", lambda p, s: torch.optim.Adam(p, lr=lr), "backward", lr)
+
+
+def adamw(lr: float) -> Method:
+    return Method(f"AdamW lr={lr:g} (wd 0.01)", lambda p, s: torch.optim.AdamW(p, lr=lr), "backward", lr)
+
+
+def curvkit_adahessian(lr: float = 0.15, update_each: int = 1, note: str = "") -> Method:
+    return Method(f"curvkit AdaHessian lr={lr:g}{note}",
+                  lambda p, s: AdaHessian(p, lr=lr, update_each=update_each, seed=s), "closure", lr)
+
+
+def curvkit_sophia(lr: float, update_each: int = 10) -> Method:
+    return Method(f"curvkit Sophia (hutchinson) lr={lr:g}",
+                  lambda p, s: Sophia(p, lr=lr, update_each=update_each, seed=s), "closure", lr)
+
+
+def torch_optimizer_adahessian(**kw) -> Method:
+    def build(params, seed):
+        import torch_optimizer
+        return torch_optimizer.Adahessian(params, **kw)  # no seed: it would reseed torch's global RNG
+    return Method(f"torch-optimizer Adahessian {settings(kw)}", build, "create_graph", kw.get("lr"))
+
+
+def pytorch_optimizer(name: str, **kw) -> Method:
+    def build(params, seed):
+        import pytorch_optimizer
+        return getattr(pytorch_optimizer, name)(params, **kw)
+    return Method(f"pytorch-optimizer {name} {settings(kw)}", build, "create_graph", kw.get("lr"))
+
+
+def settings(kw: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()) or "(defaults)"
+
+
+def sophiah_like_curvkit(lr: float, rho: float = 0.04, weight_decay: float = 0.1) -> Method:
+    """pytorch-optimizer's SophiaH at curvkit Sophia's settings: its step is lr * clip(m / h, +-p), curvkit's is
+    lr * clip(m / (rho h), +-1), so lr -> lr / rho, p = rho, weight_decay -> weight_decay * rho."""
+    method = pytorch_optimizer("SophiaH", lr=lr / rho, p=rho, betas=(0.965, 0.99), weight_decay=weight_decay * rho,
+                               hessian_distribution="rademacher")
+    return replace(method, label=f"pytorch-optimizer SophiaH at curvkit's settings (lr={lr:g}/rho, p=rho={rho:g}, "
+                                 f"betas, wd, rademacher)")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"n/a ({type(err).__name__}: {text[:80]})"
+
+
+def anchor_versions() -> str:
+    found = []
+    for dist in ("torch-optimizer", "pytorch-optimizer"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return ", ".join(found)
+
+
+def mean_std(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
+    if not values:
+        return "n/a"
+    vals = [v * scale for v in values]
+    if any(math.isnan(v) for v in vals):
+        return "diverged" if all(math.isnan(v) for v in vals) else f"{sum(math.isnan(v) for v in vals)} diverged"
+    mean = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+class Report:
+    """Markdown tables printed as they come and again, with the targets, at the end."""
+
+    def __init__(self):
+        self.tables: list[str] = []
+        self.targets: list[str] = []
+
+    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
+        lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        self.tables.append("\n".join(lines))
+        print(self.tables[-1], flush=True)
+
+    def target(self, text: str, value: float, limit: float) -> None:
+        verdict = "n/a" if math.isnan(value) else ("met" if value <= limit else "NOT MET")
+        self.targets.append(f"- {text} <= {limit:g}: {'n/a' if math.isnan(value) else f'{value:.2f}'} "
+                            f"**{verdict}**")
+
+    def print_all(self) -> None:
+        print("\n\n## Summary")
+        print("\n".join(self.tables))
+        print("\n### Targets\n")
+        print("\n".join(self.targets))
+
+
+# --------------------------------------------------------------------------------------------- 1. accuracy
+
+
+def train(factory: Callable[[], nn.Module], method: Method, data, epochs: int, seed: int) -> nn.Module | None:
+    """``epochs`` of mini-batch training; None if the loss stopped being finite."""
+    torch.manual_seed(seed)
+    model = factory()
+    step = method.stepper(model, seed)
+    X, y = data
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(BATCH):
+            if not torch.isfinite(step(X[idx], y[idx])):
+                return None
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module | None, data) -> tuple[float, float]:
+    if model is None:
+        return math.nan, math.nan
+    logits = model(data[0])
+    loss = F.cross_entropy(logits, data[1]).item()
+    if not math.isfinite(loss):
+        return math.nan, math.nan
+    return (logits.argmax(1) == data[1]).float().mean().item(), loss
+
+
+@dataclass
+class Outcome:
+    method: Method
+    acc: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def run_method(factory, method: Method, train_data, eval_data, cfg: Config) -> Outcome:
+    out = Outcome(method)
+    try:
+        for seed in cfg.seeds:
+            acc, loss = evaluate(train(factory, method, train_data, cfg.epochs, seed), eval_data)
+            out.acc.append(acc)
+            out.loss.append(loss)
+    except FAILURES as err:  # a broken anchor is reported, not fatal
+        out.error = reason(err)
+    return out
+
+
+def score(out: Outcome) -> tuple[float, float]:
+    """Validation ranking: mean accuracy, then mean loss (a diverged run ranks last)."""
+    if out.error or any(math.isnan(a) for a in out.acc):
+        return (-math.inf, math.inf)
+    return (statistics.fmean(out.acc), statistics.fmean(out.loss))
+
+
+def tune(name: str, factory, train_data, cfg: Config, report: Report) -> dict[str, float]:
+    """Pick each tuned method's lr on the last 20% of the training set (the rest trains)."""
+    cut = int(0.8 * len(train_data[1]))
+    fit, val = (train_data[0][:cut], train_data[1][:cut]), (train_data[0][cut:], train_data[1][cut:])
+    grids = {"Adam": (adam, cfg.adam_grid), "AdamW": (adamw, cfg.adam_grid),
+             "curvkit AdaHessian": (curvkit_adahessian, cfg.adahessian_grid),
+             "curvkit Sophia": (curvkit_sophia, cfg.sophia_grid)}
+    chosen, rows = {}, []
+    for key, (make, grid) in grids.items():
+        outs = [run_method(factory, make(lr), fit, val, cfg) for lr in grid]
+        best = max(range(len(grid)), key=lambda i: (score(outs[i])[0], -score(outs[i])[1]))
+        chosen[key] = grid[best]
+        cells = [o.error or f"{mean_std(o.acc, 1, 100)}% / {mean_std(o.loss, 3)}" for o in outs]
+        rows.append([key, " · ".join(f"{lr:g}: {c}" for lr, c in zip(grid, cells)), f"**{grid[best]:g}**"])
+    report.table(f"{name}: learning rate on validation ({len(fit[1])} fit / {len(val[1])} validation samples "
+                 f"from TRAIN, {cfg.epochs} epochs, {len(cfg.seeds)} seed(s); accuracy / loss)",
+                 ["optimizer", "lr: val. accuracy / val. loss", "chosen"], rows)
+    return chosen
+
+
+def accuracy_methods(lr: dict[str, float]) -> list[Method]:
+    ah = lr["curvkit AdaHessian"]
+    methods = [adam(lr["Adam"]), adamw(lr["AdamW"])]
+    if ah != 0.15:
+        methods.append(curvkit_adahessian(0.15, note=" (default)"))
+    methods += [
+        curvkit_adahessian(ah, note=" (tuned)"),
+        curvkit_sophia(lr["curvkit Sophia"]),
+        torch_optimizer_adahessian(),
+        torch_optimizer_adahessian(lr=ah, hessian_power=1.0),
+        pytorch_optimizer("AdaHessian"),
+        pytorch_optimizer("AdaHessian", lr=ah),
+        pytorch_optimizer("AdaHessian", lr=ah, eps=1e-4),
+        pytorch_optimizer("SophiaH"),
+        sophiah_like_curvkit(lr["curvkit Sophia"]),
+    ]
+    return methods
+
+
+def bench_accuracy(name: str, factory, cfg: Config, report: Report) -> None:
+    train_data, test_data = load_digits_tensors(0)
+    lr = tune(name, factory, train_data, cfg, report)
+    rows = []
+    for method in accuracy_methods(lr):
+        start = time.perf_counter()
+        out = run_method(factory, method, train_data, test_data, cfg)
+        took = (time.perf_counter() - start) / max(len(out.acc), 1)
+        if out.error:
+            rows.append([method.label, out.error, "", ""])
+        else:
+            rows.append([method.label, f"{mean_std(out.acc, 1, 100)}%", mean_std(out.loss, 3), f"{took:.1f} s"])
+    report.table(f"{name}: test accuracy and loss after {cfg.epochs} epochs on all {len(train_data[1])} training "
+                 f"samples (batch {BATCH}, {len(test_data[1])} test samples, mean ± std over seeds "
+                 f"{', '.join(map(str, cfg.seeds))})", ["optimizer", "test accuracy", "test loss", "time / run"], rows)
+
+
+# --------------------------------------------------------------------------------------------- 2. step time
+
+
+def floor_step(model: nn.Module, seed: int) -> Step:
+    """The bare autograd work of an AdaHessian step: forward, grad(create_graph=True), one HVP (z fixed)."""
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    zs = [torch.randint(0, 2, p.shape, generator=gen).float().mul_(2).sub_(1) for p in params]
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        torch.autograd.grad(grads, params, zs)
+        return loss.detach()
+    return step
+
+
+TIMED = {
+    "Adam": adam(1e-3),
+    "autograd floor (grad + 1 HVP)": None,
+    "curvkit AdaHessian update_each=1": curvkit_adahessian(),
+    "curvkit AdaHessian update_each=10": curvkit_adahessian(update_each=10),
+    "curvkit Sophia update_each=10": curvkit_sophia(1e-2),
+    "torch-optimizer Adahessian hessian_power=1": torch_optimizer_adahessian(hessian_power=1.0),
+    "pytorch-optimizer AdaHessian eps=1e-4": pytorch_optimizer("AdaHessian", lr=0.15, eps=1e-4),
+}
+
+
+def bench_steps(name: str, factory, cfg: Config, report: Report) -> None:
+    """Mean time of one full step per optimizer, round-robin step by step (order rotated every round)."""
+    torch.manual_seed(0)
+    base = factory()
+    (X, y), _ = load_digits_tensors(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(y), (BATCH,), generator=gen) for _ in range(cfg.warmup + cfg.steps)]
+    steps, errors = {}, {}
+    for label, method in TIMED.items():
+        model = copy.deepcopy(base)
+        try:
+            steps[label] = floor_step(model, 0) if method is None else method.stepper(model, 0)
+        except FAILURES as err:
+            errors[label] = reason(err)
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    gc.collect()
+    gc.disable()
+    try:
+        for i, idx in enumerate(batches):
+            x, t = X[idx], y[idx]
+            order = list(steps)
+            order = order[i % len(order):] + order[:i % len(order)]
+            for label in order:
+                try:
+                    start = time.perf_counter()
+                    steps[label](x, t)
+                    took = time.perf_counter() - start
+                except FAILURES as err:
+                    errors[label] = reason(err)
+                    del steps[label]
+                    continue
+                if i >= cfg.warmup:
+                    times[label].append(took)
+            if i % 20 == 19:
+                gc.collect()
+    finally:
+        gc.enable()
+    mean = {label: statistics.fmean(ts) if ts and label not in errors else math.nan for label, ts in times.items()}
+    mean.update({label: math.nan for label in errors})
+    adam_t, floor_t = mean["Adam"], mean["autograd floor (grad + 1 HVP)"]
+    rows = []
+    for label in TIMED:
+        if label in errors:
+            rows.append([label, errors[label], "", "", ""])
+            continue
+        rows.append([label, f"{mean[label] * 1e3:.3f}", f"{statistics.median(times[label]) * 1e3:.3f}",
+                     f"{mean[label] / adam_t:.2f}x", f"{mean[label] / floor_t:.2f}x"])
+    n_params = sum(p.numel() for p in base.parameters())
+    report.table(f"{name}: time of one training step ({n_params} parameters, batch {BATCH}, {cfg.steps} steps each "
+                 f"after {cfg.warmup} warm-up, interleaved)",
+                 ["step", "mean ms", "median ms", "mean / Adam", "mean / floor"], rows)
+    ah1, ah10 = mean["curvkit AdaHessian update_each=1"], mean["curvkit AdaHessian update_each=10"]
+    report.target(f"{name}: curvkit AdaHessian(update_each=1) / autograd floor", ah1 / floor_t, FLOOR_TARGET)
+    report.target(f"{name}: curvkit AdaHessian(update_each=10) / Adam", ah10 / adam_t, LAZY_TARGET)
+    report.target(f"{name}: curvkit AdaHessian / torch-optimizer Adahessian (both hessian_power=1, lr 0.15, eps 1e-4)",
+                  ah1 / mean["torch-optimizer Adahessian hessian_power=1"], ANCHOR_TARGET)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="about 1 minute: 1 seed, 8 epochs, 60 timed steps")
+    parser.add_argument("--sections", default="accuracy,steps", help="subset of accuracy,steps")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # the anchors' create_graph reference-cycle warning
+    cfg = QUICK if args.quick else Config()
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{anchor_versions()}, load average {os.getloadavg()[0]:.1f}")
+    report = Report()
+    sections = args.sections.split(",")
+    for name, factory in MODELS.items():
+        if "accuracy" in sections:
+            bench_accuracy(name, factory, cfg, report)
+        if "steps" in sections:
+            bench_steps(name, factory, cfg, report)
+    report.print_all()
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
