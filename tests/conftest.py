@@ -13,6 +13,7 @@ from torch.func import functional_call
 from curvkit.hessian._model import twice_differentiable
 
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared 2-core machine
 
 
 class TinyAttention(nn.Module):

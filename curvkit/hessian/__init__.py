@@ -7,13 +7,18 @@
 
 from .density import Spectrum, density
 from .eigen import eigenvalues
-from .lanczos import Lanczos
+from .ggn import GGNOperator
+from .inputs import input_hvp
+from .lanczos import Lanczos, SegmentedLanczos
+from .layerwise import layerwise
 from .operator import CurvatureOperator, HessianOperator, ModelOperator
+from .preconditioned import PreconditionedOperator
 from .results import DiagResult, EigResult, TraceResult
 from .trace import diagonal, trace
 
 __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "Lanczos",
-    "eigenvalues", "trace", "diagonal", "density",
+    "eigenvalues", "trace", "diagonal", "density", "layerwise", "SegmentedLanczos",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
+    "GGNOperator", "PreconditionedOperator", "input_hvp",
 ]

@@ -44,52 +44,64 @@ def check_operator(H: Any) -> int:
 class Lanczos:
     """Lanczos recurrences started from the columns of ``V0`` (shape ``(n, b)``), run in lock-step.
 
-    Call :meth:`step` repeatedly; a column stops when its Krylov space becomes invariant
+    Call :meth:`step` repeatedly; a recurrence stops when its Krylov space becomes invariant
     (``beta`` ~ 0, its tridiagonal is then exact) or after ``max_steps`` steps.
     """
 
     def __init__(self, H: Any, V0: torch.Tensor, max_steps: int):
-        n, b = V0.shape
+        n = V0.shape[0]
         self.H = H
         self.max_steps = min(max_steps, n)
-        device = V0.device
-        self.basis = torch.zeros(self.max_steps + 1, n, b, dtype=torch.float64, device=device)
-        self.basis[0] = V0 / V0.norm(dim=0)
-        self.alpha = torch.zeros(b, self.max_steps, dtype=torch.float64)
-        self.beta = torch.zeros(b, self.max_steps, dtype=torch.float64)
-        self.length = torch.zeros(b, dtype=torch.long)
-        self.active = torch.ones(b, dtype=torch.bool)
+        self.basis = torch.zeros(self.max_steps + 1, *V0.shape, dtype=torch.float64, device=V0.device)
+        self.basis[0] = V0 * self._spread(self._dot(V0, V0).rsqrt())
+        r = self.recurrences
+        self.alpha = torch.zeros(r, self.max_steps, dtype=torch.float64)
+        self.beta = torch.zeros(r, self.max_steps, dtype=torch.float64)
+        self.length = torch.zeros(r, dtype=torch.long)
+        self.active = torch.ones(r, dtype=torch.bool)
         self.steps = 0
         self._scale = 0.0
         self._breakdown = 100 * operator_eps(H)
+
+    @property
+    def recurrences(self) -> int:
+        return self.basis.shape[-1]
+
+    def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Inner products of each recurrence's vectors: ``(..., n, b) x (n, b) -> (..., b)``."""
+        return (A * B).sum(-2)
+
+    def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Broadcast per-recurrence coefficients ``(..., b)`` over the vector layout."""
+        return coeffs.unsqueeze(-2)
 
     @property
     def done(self) -> bool:
         return self.steps >= self.max_steps or not bool(self.active.any())
 
     def step(self) -> None:
-        """One Lanczos step for every active column (one product per active column)."""
+        """One Lanczos step of every recurrence (one product per column of the basis)."""
         j = self.steps
-        cols = self.active.nonzero().flatten()
-        q = self.basis[j][:, cols]
+        q = self.basis[j]
         w = apply(self.H, q)
-        alpha = (q * w).sum(0)
-        previous = self.basis[: j + 1][:, :, cols]
+        alpha = self._dot(q, w)
+        previous = self.basis[: j + 1]
         for _ in range(2):
-            w -= torch.einsum("jna,ja->na", previous, torch.einsum("jna,na->ja", previous, w))
-        beta = w.norm(dim=0)
+            w -= (previous * self._spread(self._dot(previous, w))).sum(0)
+        beta = self._dot(w, w).sqrt()
+        active = self.active.to(beta.device)
         self._scale = max(self._scale, float(alpha.abs().max()), float(beta.max()))
-        self.alpha[cols, j] = alpha.cpu()
-        self.beta[cols, j] = beta.cpu()
-        self.length[cols] = j + 1
+        broke = active & (beta <= self._breakdown * max(self._scale, 1e-300))
+        keep = active & ~broke
+        self.alpha[:, j] = torch.where(active, alpha, 0).cpu()
+        self.beta[:, j] = torch.where(keep, beta, 0).cpu()
+        self.length[self.active] = j + 1
+        self.basis[j + 1] = w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0))
+        self.active &= ~broke.cpu()
         self.steps = j + 1
-        broke = beta <= self._breakdown * max(self._scale, 1e-300)
-        self.basis[j + 1][:, cols] = torch.where(broke, torch.zeros_like(w), w / beta.clamp_min(1e-300))
-        self.active[cols[broke.cpu()]] = False
-        self.beta[cols[broke.cpu()], j] = 0.0
 
     def ritz(self, col: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), eigenvectors of T, and residual norms for column ``col``."""
+        """Ritz values (ascending), eigenvectors of T, and residual norms for recurrence ``col``."""
         m = int(self.length[col])
         a = self.alpha[col, :m].numpy()
         b = self.beta[col, :m].numpy()
@@ -97,7 +109,39 @@ class Lanczos:
         return theta, S, np.abs(b[m - 1] * S[m - 1, :])
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
-        """Ritz vectors ``Q_m S`` for column ``col`` (``S`` from :meth:`ritz`)."""
+        """Ritz vectors ``Q_m S`` for recurrence ``col`` (``S`` from :meth:`ritz`)."""
         m = int(self.length[col])
         coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
         return self.basis[:m, :, col].T @ coeffs
+
+
+class SegmentedLanczos(Lanczos):
+    """One Lanczos recurrence per segment of a single vector, for a block-diagonal operator.
+
+    ``segments[i]`` is the block of coordinate i (or -1 for none). With ``H`` block diagonal in
+    those segments, each segment evolves independently, so G recurrences cost one ``(n, 1)``
+    basis instead of G full-length ones.
+    """
+
+    def __init__(self, H: Any, v0: torch.Tensor, segments: torch.Tensor, max_steps: int):
+        self.segments = segments.to(v0.device)
+        self.n_segments = int(segments.max()) + 1
+        self._mask = (self.segments >= 0).to(torch.float64)[:, None]
+        self._index = self.segments.clamp_min(0)
+        sizes = torch.bincount(self._index[self.segments >= 0], minlength=self.n_segments)
+        super().__init__(H, v0.reshape(-1, 1) * self._mask, min(max_steps, int(sizes.max())))
+
+    @property
+    def recurrences(self) -> int:
+        return self.n_segments
+
+    def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        prod = (A * B * self._mask)[..., 0]
+        out = prod.new_zeros(*prod.shape[:-1], self.n_segments)
+        return out.index_add_(-1, self._index, prod)
+
+    def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
+        return coeffs.index_select(-1, self._index).unsqueeze(-1) * self._mask
+
+    def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
+        return super().vectors(S, 0) * (self.segments == col).to(torch.float64)[:, None]
