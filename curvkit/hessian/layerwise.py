@@ -105,7 +105,8 @@ def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget:
             stderr = ((total_sq - used * mean.square()).clamp_min(0) / max(used - 1, 1) / used).sqrt()
             if used >= PILOT and bool((stderr <= rtol * mean.abs()).all()):
                 break
-            block = min(2 * block, getattr(H, "max_block", 64))
+            if not H.single_batch:
+                block = min(2 * block, H.max_block)
     return mean.cpu(), stderr.cpu(), used
 
 

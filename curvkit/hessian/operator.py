@@ -117,6 +117,11 @@ class ModelOperator(CurvatureOperator):
         self._single = isinstance(self._batches, list) and len(self._batches) == 1
         self._cached: Any = None
 
+    @property
+    def single_batch(self) -> bool:
+        """True when one cached per-batch state serves every product (blocks then save nothing)."""
+        return self._single
+
     @abstractmethod
     def _prepare(self, batch: Any) -> Any:
         """Per-batch state reused by every product on that batch (e.g. the gradient graph)."""

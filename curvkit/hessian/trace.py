@@ -25,21 +25,33 @@ from .results import DiagResult, TraceResult
 
 METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
 PILOT = 10          # probes before the first stopping decision (enough for a usable standard error)
-BLOCK = 10          # probes per block (one block = one pass over the data in dataset mode)
+BLOCK = 10          # first probe block; blocks double up to the operator's max_block (one data pass each)
 DEFAULT_TRACE_BUDGET = 1000
 DEFAULT_DIAG_BUDGET = 100
 LOW_RANK_SHARE = 0.25   # auto: XTrace when a rank-5 sketch leaves less than this share of ||H||_F^2
 
 
 class _Products:
-    """Counts products against a budget and advances the progress bar."""
+    """Counts products against a budget, advances the progress bar, and sizes probe blocks.
+
+    Blocks start at ``BLOCK`` probes and double up to the operator's ``max_block``, so a dataset
+    operator builds each batch's graph once per block while stopping checks stay frequent early.
+    """
 
     def __init__(self, H: Any, budget: int, bar):
         self.H, self.budget, self.used, self.bar = H, budget, 0, bar
+        self._block = BLOCK
 
     @property
     def left(self) -> int:
         return self.budget - self.used
+
+    def next_block(self) -> int:
+        """Size of the next probe block (within the budget)."""
+        size = min(self._block, self.left)
+        if not getattr(self.H, "single_batch", True):
+            self._block = min(2 * self._block, self.H.max_block)
+        return size
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         self.used += V.shape[1]
@@ -81,7 +93,7 @@ def _hutchinson(products: _Products, gen, samples: torch.Tensor, rtol: float) ->
     """Add Rademacher probes z^T H z, a block at a time, until ``rtol`` or the budget is reached."""
     n = products.H.shape[0]
     while products.left > 0 and not _reached(samples, rtol):
-        Z = rademacher(n, min(BLOCK, products.left), gen, products.H.device)
+        Z = rademacher(n, products.next_block(), gen, products.H.device)
         samples = torch.cat([samples, (Z * products(Z)).sum(0).cpu()])
     return samples
 
@@ -175,7 +187,7 @@ def _hutchplusplus(products: _Products, gen, rtol: float) -> TraceResult:
     low = float((Q * products(Q)).sum())
     samples = torch.zeros(0, dtype=torch.float64)
     while products.left > 0 and not _reached(samples + low, rtol):
-        G = rademacher(n, min(BLOCK, products.left), gen, device)
+        G = rademacher(n, products.next_block(), gen, device)
         G -= Q @ (Q.T @ G)
         samples = torch.cat([samples, (G * products(G)).sum(0).cpu()])
     mean, se = _mean_and_error(samples)
@@ -257,7 +269,7 @@ def diagonal(H: Any, max_matvecs: int | None = None, seed: Seed = None,
         total = torch.zeros(n, dtype=torch.float64, device=H.device)
         total_sq = torch.zeros_like(total)
         while products.left > 0:
-            Z = rademacher(n, min(BLOCK, products.left), gen, H.device)
+            Z = rademacher(n, products.next_block(), gen, H.device)
             D = Z * products(Z)
             total += D.sum(1)
             total_sq += D.square().sum(1)
