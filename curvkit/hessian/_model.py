@@ -182,11 +182,15 @@ class BorrowedLoss:
             for m, mode in zip(bns, saved):
                 m.train(mode)
 
-    def __call__(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
+    def evaluate(self, leaves: Sequence[torch.Tensor], batch: Any) -> Any:
+        """``forward(model, batch)`` with the selected parameters replaced by ``leaves``, unchecked."""
         tensors = dict(zip(self._names, leaves))
         tensors.update(self._buffers)
         with self._bn_mode(), twice_differentiable():
-            loss = functional_call(self._wrapped, tensors, (batch,), strict=False)
+            return functional_call(self._wrapped, tensors, (batch,), strict=False)
+
+    def __call__(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
+        loss = self.evaluate(leaves, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(

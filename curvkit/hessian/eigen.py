@@ -41,13 +41,14 @@ def _error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
 
 
 def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: int | None = None,
-                seed: Seed = None, progress: bool | None = None) -> EigResult:
+                seed: Seed = None, progress: bool | None = None, v0: torch.Tensor | None = None) -> EigResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
     Stops when every requested Ritz value's error bound min(r, r^2/gap), with Ritz residual
     r = ||H y - theta y||, is below ``tol * |theta|`` (or the products' own rounding level), or
     when ``max_matvecs`` products are spent (then ``converged=False`` and a warning).
+    ``v0`` warm-starts the recurrence (e.g. with the previous top eigenvector while training).
 
     >>> res = eigenvalues(H, k=5, seed=0)
     >>> res.values, res.residuals, res.converged
@@ -66,8 +67,13 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
         raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}: Lanczos needs at least k+1 products")
     budget = min(budget, n)
 
-    gen = make_generator(seed, shared=getattr(H, "distributed", False))
-    lanczos = Lanczos(H, gaussian(n, 1, gen, H.device), budget)
+    if v0 is None:
+        start = gaussian(n, 1, make_generator(seed, shared=getattr(H, "distributed", False)), H.device)
+    elif v0.shape != (n,) or not bool(v0.abs().sum() > 0):
+        raise ValueError(f"v0 must be a non-zero vector of shape ({n},), got shape {tuple(v0.shape)}")
+    else:
+        start = v0.to(device=H.device, dtype=torch.float64).reshape(n, 1)
+    lanczos = Lanczos(H, start, budget)
     floor = 10 * operator_eps(H)
     converged = False
     with progress_bar(total=budget, desc="lanczos", enable=progress) as bar:

@@ -238,7 +238,7 @@ class HessianOperator(ModelOperator):
             if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
                 raise RuntimeError(
                     "an operation in the model does not support double backward, which Hessian-vector products "
-                    f"need ({err}). Use GGNOperator (first derivatives of the model only), replace the operation "
-                    "with a twice-differentiable one, or restrict params= to parameters before it."
+                    f"need ({err}). Replace the operation with a twice-differentiable one (GGNOperator needs the "
+                    "same support), or restrict params= to parameters after it."
                 ) from err
             raise

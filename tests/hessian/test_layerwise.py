@@ -74,7 +74,8 @@ def test_channel_traces_rank_like_exact_ones():
     for mod_name, module in [("0", model[0]), ("4", model[4])]:
         per = module.weight[0].numel()
         for c in range(module.weight.shape[0]):
-            groups.append([(f"{mod_name}.weight", slice(c * per, (c + 1) * per)), (f"{mod_name}.bias", slice(c, c + 1))])
+            groups.append([(f"{mod_name}.weight", slice(c * per, (c + 1) * per)),
+                           (f"{mod_name}.bias", slice(c, c + 1))])
     exact = np.array([float(b.trace()) for b in _blocks(model, D, groups)])
     assert len(df) == len(exact) == 3 + 3
     assert spearmanr(df["trace"], exact).statistic >= 0.9

@@ -1,0 +1,178 @@
+"""GGNOperator against dense J^T H_out J in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from curvkit.hessian import GGNOperator, HessianOperator, eigenvalues
+from tests.conftest import MODEL_KINDS, dense_hessian, make_model
+from tests.hessian.test_operator import _state
+
+
+def dense_ggn(model, loss_fn, batches, names=None) -> torch.Tensor:
+    """Sample-weighted sum over batches of J^T H_out J, by torch.autograd.functional jacobian and hessian."""
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else names
+    sizes = [params[n].numel() for n in names]
+    shapes = [params[n].shape for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    total = sum(len(y) for _, y in batches)
+    G = torch.zeros(len(flat0), len(flat0))
+    for x, y in batches:
+        def outputs(flat):
+            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes)]
+            return functional_call(model, dict(zip(names, chunks)), (x,))
+
+        z = outputs(flat0).detach()
+        J = torch.autograd.functional.jacobian(outputs, flat0, vectorize=True).reshape(z.numel(), -1)
+        H_out = torch.autograd.functional.hessian(lambda o: loss_fn(o.view_as(z), y), z.reshape(-1), vectorize=True)
+        G += len(y) / total * J.T @ H_out @ J
+    return G
+
+
+def _check(G, D):
+    V = torch.randn(D.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(G @ V, D @ V, rtol=1e-10, atol=1e-12)
+
+
+def _regression(seed=0, out=2):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, out)).double()
+    return model, torch.randn(10, 3, generator=g), torch.randn(10, out, generator=g)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_cross_entropy_matches_dense_ggn(kind):
+    model, x, y = make_model(kind)
+    G = GGNOperator(model, F.cross_entropy, (x, y))
+    _check(G, dense_ggn(model, F.cross_entropy, [(x, y)]))
+    assert G.matvecs == 3
+
+
+@pytest.mark.parametrize("loss_fn", [
+    nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1),
+    nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0])),  # weighted: no closed form
+    lambda out, t: F.cross_entropy(out, t),  # unrecognised: double backward of the loss
+], ids=["sum_smoothed", "weighted", "wrapped"])
+def test_cross_entropy_variants_match_dense_ggn(loss_fn):
+    model, x, y = make_model("tanh_mlp")
+    _check(GGNOperator(model, loss_fn, (x, y)), dense_ggn(model, loss_fn, [(x, y)]))
+
+
+@pytest.mark.parametrize("loss_fn", [
+    F.mse_loss,
+    nn.MSELoss(reduction="sum"),
+    lambda out, t: F.smooth_l1_loss(out, t, beta=2.0),
+    lambda out, t: torch.log(torch.cosh(out - t)).mean(),
+], ids=["mse", "mse_sum", "smooth_l1", "log_cosh"])
+def test_regression_losses_match_dense_ggn(loss_fn):
+    model, x, y = _regression()
+    _check(GGNOperator(model, loss_fn, (x, y)), dense_ggn(model, loss_fn, [(x, y)]))
+
+
+def test_dataset_mode_weights_unequal_batches_by_sample_count():
+    model, x, y = make_model("conv_bn")
+    loader = [(x[:7], y[:7]), (x[7:10], y[7:10]), (x[10:], y[10:])]
+    G = GGNOperator(model, F.cross_entropy, loader, max_block=2)
+    _check(G, dense_ggn(model, F.cross_entropy, loader))
+
+
+def test_sub_block_is_the_block_of_the_full_ggn():
+    model, x, y = make_model("gelu_mlp")
+    G = GGNOperator(model, F.cross_entropy, (x, y), params=["2.*"])
+    full = dense_ggn(model, F.cross_entropy, [(x, y)])
+    start = sum(p.numel() for p in model[0].parameters())
+    stop = start + sum(p.numel() for p in model[2].parameters())
+    _check(G, full[start:stop, start:stop])
+
+
+def test_positive_semi_definite_and_symmetric():
+    model, x, y = make_model("gelu_mlp")
+    G = GGNOperator(model, F.cross_entropy, (x, y))
+    dense = G @ torch.eye(G.shape[0])
+    torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(dense).min() >= -1e-10
+    assert torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, [(x, y)])).min() < -1e-6
+    top = eigenvalues(G, k=1, tol=1e-10, seed=0).values[0]
+    assert abs(top - torch.linalg.eigvalsh(dense)[-1]) < 1e-9
+
+
+def test_equals_the_hessian_for_a_linear_model_with_squared_error():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(9, 4), torch.randn(9, 3)
+    G = GGNOperator(model, F.mse_loss, (x, y))
+    _check(G, dense_hessian(model, F.mse_loss, [(x, y)]))
+    H = HessianOperator(model, F.mse_loss, (x, y))
+    V = torch.randn(G.shape[0], 2)
+    torch.testing.assert_close(G @ V, H @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_that_do_not_reach_the_outputs_get_zero_blocks():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Partial().double()
+    G = GGNOperator(model, F.mse_loss, (torch.randn(5, 3), torch.randn(5, 2)))
+    blocks = dict(zip(G.param_names, G.split(G @ torch.ones(G.shape[0]))))
+    assert blocks["unused.weight"].abs().max() == 0 and blocks["used.weight"].abs().max() > 0
+    linear_loss = GGNOperator(model, lambda out, t: (out * t).sum(), (torch.randn(5, 3), torch.randn(5, 2)))
+    assert (linear_loss @ torch.ones(G.shape[0])).abs().max() == 0
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_model_is_never_mutated(bn_mode):
+    model, x, y = make_model("conv_bn")
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[4].bias.requires_grad_(False)
+    before = _state(model)
+    G = GGNOperator(model, F.cross_entropy, [(x[:8], y[:8]), (x[8:], y[8:])], bn_mode=bn_mode)
+    G @ torch.randn(G.shape[0], 2)
+    after = _state(model)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1]
+    assert torch.equal(after[2][0], before[2][0]) and all(g is None for g in after[2][1:])
+    assert before[3] == after[3]
+    assert "4.bias" not in G.param_names
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_forward_hook_is_refused():
+    model, x, y = make_model("tanh_mlp")
+    with pytest.raises(TypeError, match="forward="):
+        GGNOperator(model, F.cross_entropy, (x, y), forward=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+
+def test_batches_must_be_pairs():
+    model, x, y = make_model("tanh_mlp")
+    G = GGNOperator(model, F.cross_entropy, {"x": x, "y": y})
+    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+        G @ torch.ones(G.shape[0])
+
+
+def test_non_scalar_loss_is_refused():
+    model, x, y = make_model("tanh_mlp")
+    G = GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), (x, y))
+    with pytest.raises(ValueError, match="scalar"):
+        G @ torch.ones(G.shape[0])
+
+
+def test_dropout_in_train_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double().train()
+    with pytest.raises(ValueError, match="eval"):
+        GGNOperator(model, F.mse_loss, (torch.randn(4, 3), torch.randn(4, 2)))
