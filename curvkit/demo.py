@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis import SharpnessTracker, eigen_direction, landscape_2d
 from .hessian import HessianOperator, density, eigenvalues, trace
 
 
@@ -47,7 +48,8 @@ def train_mlp(train, seconds: float = 3.0, seed: int = 0) -> nn.Module:
 
 
 def run(out: str | Path = "curvkit-demo", seconds: float = 3.0, seed: int = 0) -> dict[str, Path]:
-    """Train, analyse and write figures into ``out``; returns the paths written."""
+    """Train, analyse and write three figures into ``out`` (eigenvalue density, 2-D landscape along the
+    top-2 eigenvectors, sharpness against 2/lr under full-batch GD); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,8 +74,40 @@ def run(out: str | Path = "curvkit-demo", seconds: float = 3.0, seed: int = 0) -
 
     spec = density(H, n_probes=10, n_iter=80, seed=seed)
     fig = spec.plot()
-    fig.axes[0].set_title(f"Eigenvalue density of the digits MLP Hessian (n={H.shape[0]}, SLQ, 10 probes)")
-    paths = {"esd": out / "eigenvalue_density.png"}
+    fig.axes[0].set_title(f"Eigenvalue density of the digits MLP Hessian (n={H.shape[0]}, SLQ, 10 probes, "
+                          f"kernel width {spec.default_sigma():.2g})")
+    paths = {"esd": out / "eigenvalue_density.png", "landscape": out / "landscape_top2_eigendirections.png",
+             "sharpness": out / "sharpness_vs_2_over_lr.png"}
     fig.savefig(paths["esd"], dpi=120, bbox_inches="tight")
-    print(f"wrote {paths['esd']}")
+
+    d1, d2 = eigen_direction(model, F.cross_entropy, batch, k=2, seed=seed)
+    land = landscape_2d(model, F.cross_entropy, batch, d1, d2, span=(-2, 2), steps=21)
+    fig = land.plot(kind="contour", log=True)
+    fig.axes[0].set(xlabel=f"top eigenvector (lambda={top.values[0]:.3f})",
+                    ylabel=f"2nd eigenvector (lambda={top.values[1]:.3f})",
+                    title="Loss around the trained weights along the top-2 Hessian eigenvectors")
+    fig.savefig(paths["landscape"], dpi=120, bbox_inches="tight")
+
+    tracker = edge_of_stability(train, seed=seed)
+    tracker.plot().savefig(paths["sharpness"], dpi=120, bbox_inches="tight")
+    history = tracker.history
+    late = history[history["step"] >= 500]["sharpness"]
+    print(f"full-batch GD (lr=2): sharpness rose from {history['sharpness'].iloc[0]:.2f} and hovered at "
+          f"{late.min():.2f}..{late.max():.2f} around 2/lr = 1.00 (edge of stability)")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return paths
+
+
+def edge_of_stability(train, lr: float = 2.0, steps: int = 1000, seed: int = 0) -> SharpnessTracker:
+    """Full-batch GD with MSE on 500 digits: sharpness rises to 2/lr and hovers there (Cohen et al. 2021)."""
+    X, y = train[0][:500], F.one_hot(train[1][:500], 10).float()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)).float()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tracker = SharpnessTracker(model, F.mse_loss, (X, y), optimizer=opt, every=25, seed=seed)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(X), y).backward()
+        opt.step()
+        tracker.step()
+    return tracker

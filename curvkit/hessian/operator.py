@@ -207,21 +207,35 @@ class HessianOperator(ModelOperator):
     >>> top = eigenvalues(H, k=5)
     """
 
-    def _prepare(self, batch: Any) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
-        """The leaves, the indices of gradients that carry a graph, and those gradients.
+    def _prepare(self, batch: Any) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor], float]:
+        """The leaves, the indices of gradients that carry a graph, those gradients, and the loss.
 
         Parameters that do not reach the loss, or whose gradient is constant, have a zero Hessian block.
         """
         leaves = [p.detach().requires_grad_() for p in self.params]
         loss = self._loss(leaves, batch)
         if not loss.requires_grad:
-            return leaves, [], []
+            return leaves, [], [], float(loss.detach())
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return leaves, live, [grads[i] for i in live]
+        return leaves, live, [grads[i] for i in live], float(loss.detach())
+
+    def loss(self) -> float:
+        """The sample-weighted mean loss over the data (free on one batch: its graph is cached)."""
+        total, count = 0.0, 0
+        for weight, state in self._states():
+            total += weight * state[3]
+            count += weight
+        if self.distributed:
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
+            count = self._all_reduce(summed, count)
+            total = float(summed)
+        if count == 0:
+            raise ValueError("data is empty: it yielded no batch or no samples")
+        return total / count
 
     def _product(self, state, v: torch.Tensor) -> torch.Tensor | None:
-        leaves, live, grads = state
+        leaves, live, grads, _ = state
         if not live:
             return None
         chunks = torch.split(v, self._sizes)
