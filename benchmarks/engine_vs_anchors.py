@@ -10,8 +10,8 @@ curvkit / anchor from measurements interleaved round-robin (so load changes hit 
 
 A broken anchor prints ``n/a (reason)`` instead of stopping the run.
 
-    python benchmarks/engine_vs_anchors.py            # about 5 minutes on 2 CPU cores
-    python benchmarks/engine_vs_anchors.py --quick    # about 1 minute
+    python benchmarks/engine_vs_anchors.py            # 2-3 minutes on 2 busy CPU cores
+    python benchmarks/engine_vs_anchors.py --quick    # under a minute (MLP only, fewer repetitions)
 """
 
 from __future__ import annotations
@@ -57,18 +57,22 @@ FAILURES = (ArithmeticError, AssertionError, AttributeError, ImportError, Lookup
             ValueError)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    sections: tuple[str, ...] = ("hvp", "eigen", "trace", "slq")
     hvp_reps: int = 40
     eig_reps: int = 3
     trace_budget: int = 100
     trace_seeds: int = 10
     slq_budgets: tuple[tuple[int, int], ...] = ((2, 20), (4, 40), (8, 60), (10, 80))
     slq_seeds: int = 2
-    resnet: bool = True
 
 
-QUICK = Config(hvp_reps=15, eig_reps=1, trace_seeds=4, slq_budgets=((2, 20), (5, 50)), slq_seeds=1, resnet=False)
+FULL = Config()
+QUICK = Config(hvp_reps=15, eig_reps=1, trace_seeds=4, slq_budgets=((2, 20), (5, 50)), slq_seeds=1)
+# The conv net's products cost ~20x the MLP's: trace (model-independent statistics) is left to the MLP.
+RESNET = Config(sections=("hvp", "eigen", "slq"), hvp_reps=20, eig_reps=1, slq_budgets=((2, 20), (4, 40)),
+                slq_seeds=1)
 
 
 # --------------------------------------------------------------------------------------------- problems
@@ -90,11 +94,11 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def resnet() -> nn.Module:
+def resnet(channels: int = 4) -> nn.Module:
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        ResBlock(8), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+        ResBlock(channels), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 4 * 4, 10),
     )
 
 
@@ -183,12 +187,12 @@ class Lib:
     name: str
     op: Any
     products: Callable[[], int]
-    hvp: Callable[[torch.Tensor], Any]  # one product on a flat float32 vector, in the library's native form
+    hvp_on: Callable[[torch.Tensor], Callable[[], Any]]  # v -> a zero-argument product in the native format
 
 
 def make_curvkit(pb: Problem) -> Lib:
     H = HessianOperator(pb.model, pb.loss, pb.batch)
-    return Lib("curvkit", H, lambda: H.matvecs, lambda v: H @ v)
+    return Lib("curvkit", H, lambda: H.matvecs, lambda v: lambda: H @ v)
 
 
 def make_pyhessian(pb: Problem) -> Lib:
@@ -203,11 +207,11 @@ def make_pyhessian(pb: Problem) -> Lib:
     module.hessian_vector_product = counter.wrap(hessian_vector_product)
     sizes = [p.numel() for p in hc.params]
 
-    def hvp(v: torch.Tensor):
-        vs = [c.view_as(p) for c, p in zip(v.split(sizes), hc.params)]
-        return hessian_vector_product(hc.gradsH, hc.params, vs)
+    def hvp_on(v: torch.Tensor) -> Callable[[], Any]:
+        vs = [c.view_as(p).clone() for c, p in zip(v.split(sizes), hc.params)]  # PyHessian's vectors are lists
+        return lambda: hessian_vector_product(hc.gradsH, hc.params, vs)
 
-    return Lib("PyHessian", hc, lambda: counter.count, hvp)
+    return Lib("PyHessian", hc, lambda: counter.count, hvp_on)
 
 
 def make_curvlinops(pb: Problem) -> Lib:
@@ -218,7 +222,7 @@ def make_curvlinops(pb: Problem) -> Lib:
                               num_data=len(pb.batch[1]))
     counter = Counter()
     H._matmat = counter.wrap(H._matmat, lambda X: X[0].shape[-1])  # list format, columns last
-    return Lib("curvlinops", H, lambda: counter.count, lambda v: H @ v)
+    return Lib("curvlinops", H, lambda: counter.count, lambda v: lambda: H @ v)
 
 
 def make_eigenthings(pb: Problem) -> Lib:
@@ -228,7 +232,7 @@ def make_eigenthings(pb: Problem) -> Lib:
     H = EigenthingsHessian(pb.model, [pb.batch], supervised_loss(pb.loss))
     counter = Counter()
     H.matvec = counter.wrap(H.matvec)
-    return Lib("eigenthings", H, lambda: counter.count, H.matvec)
+    return Lib("eigenthings", H, lambda: counter.count, lambda v: lambda: H.matvec(v))
 
 
 FACTORIES = {"curvkit": make_curvkit, "PyHessian": make_pyhessian, "curvlinops": make_curvlinops,
@@ -251,6 +255,23 @@ def build_libs(pb: Problem) -> tuple[dict[str, Lib], dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Bench:
+    """What every section gets: the problem, the libraries that could be built, those that could not."""
+
+    pb: Problem
+    libs: dict[str, Lib]
+    broken: dict[str, str]
+    cfg: Config
+    report: Report
+
+    def table(self, title: str, header: list[str], rows: list[list[str]], lib_column: int = 0) -> None:
+        """A report table with an ``n/a (reason)`` row for every library that could not be built."""
+        blank = [""] * (len(header) - lib_column - 2)
+        rows = rows + [[""] * lib_column + [name, why, *blank] for name, why in self.broken.items()]
+        self.report.table(title, header, rows)
 
 
 @dataclass
@@ -346,12 +367,17 @@ def ratio(a: float, b: float) -> str:
 # --------------------------------------------------------------------------------------------- 1. HVP
 
 
-def bench_hvp(pb: Problem, libs: dict[str, Lib], broken: dict[str, str], cfg: Config, report: Report) -> None:
+def product_run(lib: str, product: Callable[[], Any]) -> Run:
+    return Run(lib, "H @ v", lambda _: product())
+
+
+def bench_hvp(bench: Bench) -> None:
+    pb, libs, cfg, report = bench.pb, bench.libs, bench.cfg, bench.report
     v = torch.randn(pb.n, generator=torch.Generator().manual_seed(0))
     exact = pb.dense @ v.double()
-    runs = [Run(name, "H @ v", lambda _, lib=lib: lib.hvp(v)) for name, lib in libs.items()]
+    runs = [product_run(name, lib.hvp_on(v)) for name, lib in libs.items()]
     measure(runs, libs, list(range(cfg.hvp_reps)), warmup=3)
-    ck = next(r for r in runs if r.lib == "curvkit")
+    ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
     rows = []
     for run in runs:
         if run.error:
@@ -360,14 +386,13 @@ def bench_hvp(pb: Problem, libs: dict[str, Lib], broken: dict[str, str], cfg: Co
         out = run.results[0]
         flat = torch.cat([t.reshape(-1) for t in out]) if isinstance(out, (list, tuple)) else out
         err = float((flat.double() - exact).norm() / exact.norm())
-        rows.append([run.lib, ms(run.time), fmt(err, 2), ratio(ck.time, run.time)])
-    rows += [[name, why, "", ""] for name, why in broken.items()]
-    report.table(f"{pb.name}: one Hessian-vector product (n={pb.n}, batch {len(pb.batch[1])}, median of "
-                 f"{cfg.hvp_reps})", ["library", "time / product", "rel. error vs dense", "curvkit / this"], rows)
+        rows.append([run.lib, ms(run.time), fmt(err, 2), ratio(ck.time, run.time) if ck else "n/a"])
+    bench.table(f"{pb.name}: one Hessian-vector product (n={pb.n}, batch {len(pb.batch[1])}, median of "
+                f"{cfg.hvp_reps})", ["library", "time / product", "rel. error vs dense", "curvkit / this"], rows)
     ph = next((r for r in runs if r.lib == "PyHessian" and not r.error), None)
-    met = None if ph is None or ck.error else ck.time <= HVP_TARGET * ph.time
+    both = ck is not None and ph is not None
     report.target(f"{pb.name}: curvkit HVP <= {HVP_TARGET}x PyHessian's cached-graph HVP "
-                  f"({ratio(ck.time, ph.time) if ph else 'n/a'})", met)
+                  f"({ratio(ck.time, ph.time) if both else 'n/a'})", ck.time <= HVP_TARGET * ph.time if both else None)
 
 
 # --------------------------------------------------------------------------------------------- 2. eigenvalues
@@ -386,7 +411,6 @@ def top_error(values, spectrum: np.ndarray, k: int, magnitude: bool = False) -> 
     if vals.size < k:
         return math.inf
     return float(np.max(np.abs(vals - ref) / np.abs(ref)))
-
 
 
 def curvkit_eig(H, k: int) -> Run:
@@ -450,7 +474,8 @@ def calibrate_lanczos(pb: Problem, libs: dict[str, Lib], k: int, target: float) 
     return steps, " ".join(tried) + " (target not reached)"
 
 
-def bench_eigen(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) -> None:
+def bench_eigen(bench: Bench) -> None:
+    pb, libs, cfg = bench.pb, bench.libs, bench.cfg
     for k in (1, 5):
         ck_err = EIG_TOL
         if "curvkit" in libs:
@@ -467,9 +492,10 @@ def bench_eigen(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) 
             errs = [top_error(v, pb.spectrum, k, magnitude=run.lib == "PyHessian") for v in run.results]
             rows.append([run.lib, run.label, fmt(run.mean_products), ms(run.time), f"{max(errs):.1e}",
                          ratio(ck.time, run.time) if ck else "n/a"])
-        report.table(f"{pb.name}: top-{k} eigenvalues (exact top: {np.round(reference_top(pb.spectrum, k, False), 4)}; "
-                     f"median of {cfg.eig_reps} seeds)",
-                     ["library", "method", "products", "time", "max rel. error", "curvkit / this"], rows)
+        top = np.round(reference_top(pb.spectrum, k, False), 4)
+        bench.table(f"{pb.name}: top-{k} eigenvalues (exact: {top}; time: median of {cfg.eig_reps} seeds, "
+                    "error: worst seed)",
+                    ["library", "method", "products", "time", "max rel. error", "curvkit / this"], rows)
         if tried:
             print(f"  hessian-eigenthings max_iter calibration (steps:error, target {ck_err:.1e}): {tried}")
     lm = reference_top(pb.spectrum, 5, True)
@@ -530,7 +556,8 @@ def trace_runs(libs: dict[str, Lib], budget: int) -> list[Run]:
     return runs
 
 
-def bench_trace(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) -> None:
+def bench_trace(bench: Bench) -> None:
+    pb, libs, cfg = bench.pb, bench.libs, bench.cfg
     exact = float(pb.dense.trace())
     runs = measure(trace_runs(libs, cfg.trace_budget), libs, list(range(cfg.trace_seeds)))
     ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
@@ -542,8 +569,8 @@ def bench_trace(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) 
         rmse = math.sqrt(np.mean((np.asarray(run.results) - exact) ** 2)) / abs(exact)
         rows.append([run.lib, run.label, fmt(run.mean_products), f"{rmse:.3f}", ms(run.time),
                      ratio(ck.time, run.time) if ck else "n/a"])
-    report.table(f"{pb.name}: trace at an equal budget (exact {exact:.4g}; {cfg.trace_seeds} seeds)",
-                 ["library", "method", "products", "rel. RMSE", "time", "curvkit auto / this"], rows)
+    bench.table(f"{pb.name}: trace at an equal budget (exact {exact:.4g}; {cfg.trace_seeds} seeds)",
+                ["library", "method", "products", "rel. RMSE", "time", "curvkit auto / this"], rows)
 
 
 # --------------------------------------------------------------------------------------------- 4. SLQ
@@ -563,12 +590,15 @@ def torch_eig_shim():
         values, vectors = torch.linalg.eigh(T)
         return torch.stack([values, torch.zeros_like(values)], 1), vectors
 
-    saved = torch.eig
+    saved = getattr(torch, "eig", None)
     torch.eig = eig
     try:
         yield
     finally:
-        torch.eig = saved
+        if saved is None:
+            del torch.eig
+        else:
+            torch.eig = saved
 
 
 def curvkit_slq(H, probes: int, steps: int):
@@ -652,7 +682,8 @@ class Curve:
         return min(self.budgets) <= budget <= max(self.budgets)
 
 
-def bench_slq(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) -> None:
+def bench_slq(bench: Bench) -> None:
+    pb, libs, cfg, report = bench.pb, bench.libs, bench.cfg, bench.report
     curves: dict[str, Curve] = {}
     errors: dict[str, str] = {}
     rows = []
@@ -671,19 +702,33 @@ def bench_slq(pb: Problem, libs: dict[str, Lib], cfg: Config, report: Report) ->
             rows.append([f"{probes} x {steps}", run.lib, fmt(run.mean_products), ms(run.time), f"{dist:.2e}",
                          ratio(ck.time, run.time) if ck else "n/a"])
     rows += [["", lib, why, "", "", ""] for lib, why in errors.items()]
-    report.table(f"{pb.name}: SLQ density at matched budgets (probes x steps; W1 to the exact spectrum, "
-                 f"mean of {cfg.slq_seeds} seeds)",
-                 ["budget", "library", "products", "time", "W1", "curvkit / this"], rows)
-    bench_slq_equal_accuracy(pb, curves, report)
-
-
-def bench_slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Report) -> None:
-    """At every anchor budget: the anchor's (fitted) W1, curvkit's fitted time to the same W1, the ratio."""
-    title = f"{pb.name}: curvkit SLQ <= {SLQ_TARGET}x the fastest anchor at equal accuracy"
-    ck = curves.get("curvkit")
-    if ck is None or len(ck.budgets) < 2:
+    bench.table(f"{pb.name}: SLQ density at matched budgets (probes x steps; W1 to the exact spectrum, "
+                f"mean of {cfg.slq_seeds} seeds)",
+                ["budget", "library", "products", "time", "W1", "curvkit / this"], rows, lib_column=1)
+    ratios, how = {}, "at equal accuracy (fitted; largest budget)"
+    if len(cfg.slq_budgets) >= 3 and cfg.slq_seeds >= 2:
+        ratios = slq_equal_accuracy(pb, curves, report)
+    if not ratios and "curvkit" in curves:  # too few runs to fit: compare at the same budget (same estimator)
+        t_ck = curves["curvkit"].times[-1]
+        ratios = {lib: t_ck / c.times[-1] for lib, c in curves.items() if lib != "curvkit"}
+        how = "at the largest matched budget"
+    title = f"{pb.name}: curvkit SLQ <= {SLQ_TARGET}x the fastest anchor {how}"
+    if not ratios:
         report.target(title, None)
         return
+    fastest = max(ratios, key=ratios.get)  # the anchor curvkit gains least against
+    report.target(f"{title} (fastest: {fastest}, {ratios[fastest]:.2f}x; "
+                  + ", ".join(f"{lib} {r:.2f}x" for lib, r in ratios.items()) + ")", ratios[fastest] <= SLQ_TARGET)
+
+
+def slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Report) -> dict[str, float]:
+    """At every anchor budget: the anchor's fitted W1, curvkit's fitted time to the same W1, the ratio.
+
+    Returns the ratio at each anchor's largest budget.
+    """
+    ck = curves.get("curvkit")
+    if ck is None or len(ck.budgets) < 2:
+        return {}
     rows, at_largest = [], {}
     for lib in ANCHORS:
         curve = curves.get(lib)
@@ -697,16 +742,11 @@ def bench_slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Repo
             rows.append([lib, str(budget), f"{target:.2e}", ms(t_anchor), f"{ms(t_ck)} at budget {ck_budget:.0f}{note}",
                          ratio(t_ck, t_anchor)])
             at_largest[lib] = t_ck / t_anchor
-    report.table(f"{pb.name}: SLQ time at equal accuracy (power-law fits over the budgets above)",
+    report.table(f"{pb.name}: SLQ time at equal accuracy (power laws W1 ~ budget^a, time ~ budget^b fitted "
+                 "to the runs above)",
                  ["anchor", "budget", "anchor W1 (fit)", "anchor time (fit)", "curvkit time to that W1",
                   "curvkit / anchor"], rows)
-    valid = {lib: r for lib, r in at_largest.items() if not math.isnan(r)}
-    if not valid:
-        report.target(title, None)
-        return
-    fastest = max(valid, key=valid.get)  # the anchor curvkit gains least against
-    report.target(f"{title} (fastest anchor at the largest budget: {fastest}, {valid[fastest]:.2f}x; "
-                  + ", ".join(f"{lib} {r:.2f}x" for lib, r in valid.items()) + ")", valid[fastest] <= SLQ_TARGET)
+    return {lib: r for lib, r in at_largest.items() if not math.isnan(r)}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -715,26 +755,35 @@ def bench_slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Repo
 SECTIONS = {"hvp": bench_hvp, "eigen": bench_eigen, "trace": bench_trace, "slq": bench_slq}
 
 
-def bench_problem(pb: Problem, cfg: Config, report: Report, sections: list[str]) -> None:
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    factory: Callable[[], nn.Module]
+    epochs: int
+    batch_size: int
+    cfg: Config
+
+
+def bench_problem(spec: Spec, report: Report, sections: list[str]) -> None:
+    pb = make_problem(spec.name, spec.factory, spec.epochs, spec.batch_size)
     print(f"\n## {pb.name}: n = {pb.n}, batch {len(pb.batch[1])}, exact top eigenvalue {pb.spectrum[-1]:.4g}, "
           f"trace {pb.dense.trace().item():.4g}", flush=True)
     libs, broken = build_libs(pb)
     for name, why in broken.items():
         print(f"  {name}: {why}")
-    for section in sections:
-        fn = SECTIONS[section]
+    bench = Bench(pb, libs, broken, spec.cfg, report)
+    for section in spec.cfg.sections:
+        if section not in sections:
+            continue
         try:
-            if section == "hvp":
-                fn(pb, libs, broken, cfg, report)
-            else:
-                fn(pb, libs, cfg, report)
+            SECTIONS[section](bench)
         except FAILURES as err:  # keep the other sections alive
             print(f"  section {section} failed: {reason(err)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about 1 minute: fewer repetitions, MLP only")
+    parser.add_argument("--quick", action="store_true", help="under a minute: fewer repetitions, MLP only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-resnet", action="store_true", help="skip the conv net")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
@@ -742,17 +791,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")  # PyHessian's create_graph cycle warning, curvkit's budget warnings, ...
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else Config()
-    sections = [s for s in args.sections.split(",") if s]
+    specs = [Spec("MLP 64-32-10 tanh", mlp, 20, 512, QUICK if args.quick else FULL)]
+    if not (args.quick or args.no_resnet):
+        specs.append(Spec("ResNet-style conv net (BatchNorm, eval)", resnet, 10, 128, RESNET))
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.1f}")
     report = Report()
-    problems = [("MLP 64-32-10 tanh", mlp, 20)]
-    if cfg.resnet and not args.no_resnet:
-        problems.append(("ResNet-style conv net (BatchNorm, eval)", resnet, 10))
-    for name, factory, epochs in problems:
-        bench_problem(make_problem(name, factory, epochs), cfg, report, sections)
+    for spec in specs:
+        bench_problem(spec, report, args.sections.split(","))
     report.print_all()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

@@ -62,7 +62,8 @@ def test_channel_traces_match_exact_blocks_in_rank():
     for module, c in zip(sens["module"], sens["channel"]):
         w, b = names.index(f"{module}.weight"), names.index(f"{module}.bias")
         per = getattr(model, module).weight[0].numel()
-        idx = torch.cat([torch.arange(offsets[w] + c * per, offsets[w] + (c + 1) * per), torch.tensor([offsets[b] + c])])
+        idx = torch.cat([torch.arange(offsets[w] + c * per, offsets[w] + (c + 1) * per),
+                         torch.tensor([offsets[b] + c])])
         exact.append(float(D[idx][:, idx].trace()))
     assert spearmanr(sens["trace"], exact).statistic >= 0.9
     assert sens.attrs["skipped"] == ["1 (BatchNorm2d): not a Linear/Conv layer, skipped"]
