@@ -1,16 +1,17 @@
 """curvkit.hessian against its anchors: PyHessian 0.1, curvlinops 3.0.1 and hessian-eigenthings 1.0.0a5.
 
 Everything runs in one process on the same float32 model and the same batch, and every ratio is
-curvkit / anchor from measurements interleaved round-robin (so load changes hit all libraries alike):
+curvkit / anchor from measurements interleaved round-robin. Times are this process's CPU time by default
+(``--clock wall`` for elapsed time), so other jobs on a shared machine do not skew the ratios:
 
 1. one Hessian-vector product (median over repetitions),
-2. top-1 and top-5 eigenvalues: products, wall time, relative error against dense ``eigvalsh``,
+2. top-1 and top-5 eigenvalues: products, time, relative error against dense ``eigvalsh``,
 3. trace at an equal budget of products: relative RMSE over seeds against the exact trace,
 4. SLQ spectral density: time at equal 1-Wasserstein distance to the exact eigenvalue distribution.
 
 A broken anchor prints ``n/a (reason)`` instead of stopping the run.
 
-    python benchmarks/engine_vs_anchors.py            # 2-3 minutes on 2 busy CPU cores
+    python benchmarks/engine_vs_anchors.py            # 2-4 minutes on 2 busy CPU cores
     python benchmarks/engine_vs_anchors.py --quick    # under a minute (MLP only, fewer repetitions)
 """
 
@@ -267,6 +268,40 @@ class Bench:
     cfg: Config
     report: Report
 
+    clock: str = "cpu"  # "cpu": this process's CPU time, immune to other processes; "wall": elapsed time
+
+    @property
+    def time_header(self) -> str:
+        return f"{self.clock} time"
+
+    def now(self) -> float:
+        return time.process_time() if self.clock == "cpu" else time.perf_counter()
+
+    def measure(self, runs: list[Run], seeds: list[int], warmup: int = 0) -> list[Run]:
+        """Call every run once per seed, round-robin across runs; a run that raises is marked n/a."""
+        for run in runs:
+            for _ in range(warmup):
+                try:
+                    run.fn(seeds[0])
+                except FAILURES as err:
+                    run.error = reason(err)
+        for seed in seeds:
+            for run in runs:
+                if run.error is not None:
+                    continue
+                lib = self.libs[run.lib]
+                before = lib.products()
+                try:
+                    start = self.now()
+                    out = run.fn(seed)
+                    run.times.append(self.now() - start)
+                except FAILURES as err:
+                    run.error = reason(err)
+                    continue
+                run.products.append(lib.products() - before)
+                run.results.append(out)
+        return runs
+
     def table(self, title: str, header: list[str], rows: list[list[str]], lib_column: int = 0) -> None:
         """A report table with an ``n/a (reason)`` row for every library that could not be built."""
         blank = [""] * (len(header) - lib_column - 2)
@@ -295,32 +330,6 @@ class Run:
         return float(np.mean(self.products)) if self.products else math.nan
 
 
-def measure(runs: list[Run], libs: dict[str, Lib], seeds: list[int], warmup: int = 0) -> list[Run]:
-    """Call every run once per seed, round-robin across runs; a run that raises is marked n/a."""
-    for run in runs:
-        for _ in range(warmup):
-            try:
-                run.fn(seeds[0])
-            except FAILURES as err:
-                run.error = reason(err)
-    for seed in seeds:
-        for run in runs:
-            if run.error is not None:
-                continue
-            lib = libs[run.lib]
-            before = lib.products()
-            try:
-                start = time.perf_counter()
-                out = run.fn(seed)
-                run.times.append(time.perf_counter() - start)
-            except FAILURES as err:
-                run.error = reason(err)
-                continue
-            run.products.append(lib.products() - before)
-            run.results.append(out)
-    return runs
-
-
 def fmt(x: float, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -334,7 +343,8 @@ def ms(seconds: float) -> str:
 class Report:
     """Markdown tables collected during the run and printed together at the end."""
 
-    def __init__(self):
+    def __init__(self, clock: str):
+        self.clock = clock
         self.tables: list[tuple[str, list[str], list[list[str]]]] = []
         self.targets: list[str] = []
 
@@ -353,7 +363,7 @@ class Report:
         self.targets.append(f"- {text}: **{verdict}**")
 
     def print_all(self) -> None:
-        print("\n\n## Summary (curvkit / anchor ratios; < 1 means curvkit is faster)")
+        print(f"\n\n## Summary (curvkit / anchor ratios of {self.clock} time; < 1 means curvkit is faster)")
         for title, header, rows in self.tables:
             print(self.render(title, header, rows))
         print("\n### Targets\n")
@@ -376,7 +386,7 @@ def bench_hvp(bench: Bench) -> None:
     v = torch.randn(pb.n, generator=torch.Generator().manual_seed(0))
     exact = pb.dense @ v.double()
     runs = [product_run(name, lib.hvp_on(v)) for name, lib in libs.items()]
-    measure(runs, libs, list(range(cfg.hvp_reps)), warmup=3)
+    bench.measure(runs, list(range(cfg.hvp_reps)), warmup=3)
     ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
     rows = []
     for run in runs:
@@ -388,7 +398,8 @@ def bench_hvp(bench: Bench) -> None:
         err = float((flat.double() - exact).norm() / exact.norm())
         rows.append([run.lib, ms(run.time), fmt(err, 2), ratio(ck.time, run.time) if ck else "n/a"])
     bench.table(f"{pb.name}: one Hessian-vector product (n={pb.n}, batch {len(pb.batch[1])}, median of "
-                f"{cfg.hvp_reps})", ["library", "time / product", "rel. error vs dense", "curvkit / this"], rows)
+                f"{cfg.hvp_reps})",
+                ["library", f"{bench.time_header} / product", "rel. error vs dense", "curvkit / this"], rows)
     ph = next((r for r in runs if r.lib == "PyHessian" and not r.error), None)
     both = ck is not None and ph is not None
     report.target(f"{pb.name}: curvkit HVP <= {HVP_TARGET}x PyHessian's cached-graph HVP "
@@ -482,7 +493,7 @@ def bench_eigen(bench: Bench) -> None:
             values = eigenvalues(libs["curvkit"].op, k=k, which="LA", tol=EIG_TOL, seed=0).values
             ck_err = max(top_error(values.numpy(), pb.spectrum, k), EIG_TOL)
         steps, tried = calibrate_lanczos(pb, libs, k, ck_err)
-        runs = measure(eig_runs(libs, k, steps), libs, list(range(cfg.eig_reps)))
+        runs = bench.measure(eig_runs(libs, k, steps), list(range(cfg.eig_reps)))
         ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
         rows = []
         for run in runs:
@@ -495,7 +506,7 @@ def bench_eigen(bench: Bench) -> None:
         top = np.round(reference_top(pb.spectrum, k, False), 4)
         bench.table(f"{pb.name}: top-{k} eigenvalues (exact: {top}; time: median of {cfg.eig_reps} seeds, "
                     "error: worst seed)",
-                    ["library", "method", "products", "time", "max rel. error", "curvkit / this"], rows)
+                    ["library", "method", "products", bench.time_header, "max rel. error", "curvkit / this"], rows)
         if tried:
             print(f"  hessian-eigenthings max_iter calibration (steps:error, target {ck_err:.1e}): {tried}")
     lm = reference_top(pb.spectrum, 5, True)
@@ -559,7 +570,7 @@ def trace_runs(libs: dict[str, Lib], budget: int) -> list[Run]:
 def bench_trace(bench: Bench) -> None:
     pb, libs, cfg = bench.pb, bench.libs, bench.cfg
     exact = float(pb.dense.trace())
-    runs = measure(trace_runs(libs, cfg.trace_budget), libs, list(range(cfg.trace_seeds)))
+    runs = bench.measure(trace_runs(libs, cfg.trace_budget), list(range(cfg.trace_seeds)))
     ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
     rows = []
     for run in runs:
@@ -570,7 +581,7 @@ def bench_trace(bench: Bench) -> None:
         rows.append([run.lib, run.label, fmt(run.mean_products), f"{rmse:.3f}", ms(run.time),
                      ratio(ck.time, run.time) if ck else "n/a"])
     bench.table(f"{pb.name}: trace at an equal budget (exact {exact:.4g}; {cfg.trace_seeds} seeds)",
-                ["library", "method", "products", "rel. RMSE", "time", "curvkit auto / this"], rows)
+                ["library", "method", "products", "rel. RMSE", bench.time_header, "curvkit auto / this"], rows)
 
 
 # --------------------------------------------------------------------------------------------- 4. SLQ
@@ -688,7 +699,7 @@ def bench_slq(bench: Bench) -> None:
     errors: dict[str, str] = {}
     rows = []
     for probes, steps in cfg.slq_budgets:
-        runs = measure(slq_runs(libs, probes, steps), libs, list(range(cfg.slq_seeds)))
+        runs = bench.measure(slq_runs(libs, probes, steps), list(range(cfg.slq_seeds)))
         ck = next((r for r in runs if r.lib == "curvkit" and not r.error), None)
         for run in runs:
             if run.error:
@@ -704,10 +715,10 @@ def bench_slq(bench: Bench) -> None:
     rows += [["", lib, why, "", "", ""] for lib, why in errors.items()]
     bench.table(f"{pb.name}: SLQ density at matched budgets (probes x steps; W1 to the exact spectrum, "
                 f"mean of {cfg.slq_seeds} seeds)",
-                ["budget", "library", "products", "time", "W1", "curvkit / this"], rows, lib_column=1)
+                ["budget", "library", "products", bench.time_header, "W1", "curvkit / this"], rows, lib_column=1)
     ratios, how = {}, "at equal accuracy (fitted; largest budget)"
     if len(cfg.slq_budgets) >= 3 and cfg.slq_seeds >= 2:
-        ratios = slq_equal_accuracy(pb, curves, report)
+        ratios = slq_equal_accuracy(bench, curves)
     if not ratios and "curvkit" in curves:  # too few runs to fit: compare at the same budget (same estimator)
         t_ck = curves["curvkit"].times[-1]
         ratios = {lib: t_ck / c.times[-1] for lib, c in curves.items() if lib != "curvkit"}
@@ -721,11 +732,12 @@ def bench_slq(bench: Bench) -> None:
                   + ", ".join(f"{lib} {r:.2f}x" for lib, r in ratios.items()) + ")", ratios[fastest] <= SLQ_TARGET)
 
 
-def slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Report) -> dict[str, float]:
+def slq_equal_accuracy(bench: Bench, curves: dict[str, Curve]) -> dict[str, float]:
     """At every anchor budget: the anchor's fitted W1, curvkit's fitted time to the same W1, the ratio.
 
     Returns the ratio at each anchor's largest budget.
     """
+    pb, report = bench.pb, bench.report
     ck = curves.get("curvkit")
     if ck is None or len(ck.budgets) < 2:
         return {}
@@ -744,7 +756,7 @@ def slq_equal_accuracy(pb: Problem, curves: dict[str, Curve], report: Report) ->
             at_largest[lib] = t_ck / t_anchor
     report.table(f"{pb.name}: SLQ time at equal accuracy (power laws W1 ~ budget^a, time ~ budget^b fitted "
                  "to the runs above)",
-                 ["anchor", "budget", "anchor W1 (fit)", "anchor time (fit)", "curvkit time to that W1",
+                 ["anchor", "budget", "anchor W1 (fit)", f"anchor {bench.time_header} (fit)", "curvkit time to that W1",
                   "curvkit / anchor"], rows)
     return {lib: r for lib, r in at_largest.items() if not math.isnan(r)}
 
@@ -764,14 +776,14 @@ class Spec:
     cfg: Config
 
 
-def bench_problem(spec: Spec, report: Report, sections: list[str]) -> None:
+def bench_problem(spec: Spec, report: Report, sections: list[str], clock: str) -> None:
     pb = make_problem(spec.name, spec.factory, spec.epochs, spec.batch_size)
     print(f"\n## {pb.name}: n = {pb.n}, batch {len(pb.batch[1])}, exact top eigenvalue {pb.spectrum[-1]:.4g}, "
           f"trace {pb.dense.trace().item():.4g}", flush=True)
     libs, broken = build_libs(pb)
     for name, why in broken.items():
         print(f"  {name}: {why}")
-    bench = Bench(pb, libs, broken, spec.cfg, report)
+    bench = Bench(pb, libs, broken, spec.cfg, report, clock)
     for section in spec.cfg.sections:
         if section not in sections:
             continue
@@ -785,6 +797,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="under a minute: fewer repetitions, MLP only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: process CPU time, robust when other jobs share the cores (default); wall: elapsed")
     parser.add_argument("--no-resnet", action="store_true", help="skip the conv net")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
@@ -796,10 +810,11 @@ def main(argv: list[str] | None = None) -> None:
         specs.append(Spec("ResNet-style conv net (BatchNorm, eval)", resnet, 10, 128, RESNET))
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.1f}")
-    report = Report()
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.1f}, "
+          f"times are {args.clock} time")
+    report = Report(args.clock)
     for spec in specs:
-        bench_problem(spec, report, args.sections.split(","))
+        bench_problem(spec, report, args.sections.split(","), args.clock)
     report.print_all()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

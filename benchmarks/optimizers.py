@@ -12,7 +12,7 @@ Two parts, in one process, on sklearn's 8x8 digits (64-32-10 tanh MLP and a smal
 A broken anchor prints ``n/a (reason)`` instead of stopping the run.
 
     pip install -c constraints.txt torch-optimizer pytorch-optimizer   # the anchors
-    python benchmarks/optimizers.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/optimizers.py            # 4-7 minutes on 2 CPU cores (about 4 CPU-minutes)
     python benchmarks/optimizers.py --quick    # about 1 minute
 """
 
