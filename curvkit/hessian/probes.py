@@ -13,12 +13,11 @@ import torch
 
 
 def rademacher_like(tensors: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-    """Independent +-1 tensors shaped like ``tensors``, drawn from ``generator`` (moved to each device)."""
-    out = []
-    for t in tensors:
-        z = torch.randint(0, 2, t.shape, generator=generator, device=generator.device, dtype=torch.int8)
-        out.append(z.to(device=t.device, dtype=t.dtype).mul_(2).sub_(1))
-    return out
+    """Independent +-1 tensors shaped like ``tensors``, drawn in one call from ``generator``."""
+    sizes = [t.numel() for t in tensors]
+    flat = torch.randint(0, 2, (sum(sizes),), generator=generator, device=generator.device, dtype=torch.int8)
+    flat = flat.to(device=tensors[0].device, dtype=tensors[0].dtype).mul_(2).sub_(1)
+    return [z.view(t.shape).to(t) for z, t in zip(flat.split(sizes), tensors)]
 
 
 def hutchinson_diagonal(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
@@ -28,13 +27,15 @@ def hutchinson_diagonal(grads: Sequence[torch.Tensor], params: Sequence[torch.Te
     ``grads`` must carry a graph (from ``create_graph=True``); the graph is released after the
     last probe. Parameters that the gradients do not depend on get zeros.
     """
-    total = [torch.zeros_like(p) for p in params]
+    total = None
     for i in range(n_samples):
         zs = rademacher_like(params, generator)
         hz = torch.autograd.grad(grads, params, zs, retain_graph=i < n_samples - 1, allow_unused=True)
-        for acc, z, h in zip(total, zs, hz):
-            if h is not None:
-                acc.addcmul_(z, h)
+        d = [z.mul_(h) if h is not None else torch.zeros_like(z) for z, h in zip(zs, hz)]
+        if total is None:
+            total = d
+        else:
+            torch._foreach_add_(total, d)
     if n_samples > 1:
         torch._foreach_div_(total, float(n_samples))
     return total

@@ -145,17 +145,19 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     def _curvature(self, grads, params) -> list[torch.Tensor]:
         """Diagonal estimate from gradients that carry a graph (zeros where a gradient has none)."""
         carrying = [i for i, g in enumerate(grads) if g.requires_grad]
-        out = [torch.zeros_like(p) for p in params]
-        if not carrying:
-            return out
         sub_grads = [grads[i] for i in carrying]
         sub_params = [params[i] for i in carrying]
+        if not carrying:
+            return [torch.zeros_like(p) for p in params]
         if callable(self.estimator):
-            estimates = self.estimator(sub_params, sub_grads, self._generator)
+            estimates = [d.detach() for d in self.estimator(sub_params, sub_grads, self._generator)]
         else:
             estimates = hutchinson_diagonal(sub_grads, sub_params, self._generator, self.n_samples)
+        if len(carrying) == len(params):
+            return estimates
+        out = [torch.zeros_like(p) for p in params]
         for i, d in zip(carrying, estimates):
-            out[i] = d.detach()
+            out[i] = d
         return out
 
     def _gauss_newton_bartlett(self, logits, params) -> list[torch.Tensor]:
