@@ -118,7 +118,7 @@ class GGNOperator(ModelOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, params: ParamSpec = None,
-                 bn_mode: str = "eval", max_block: int = 64, distributed: bool | None = None,
+                 bn_mode: str = "eval", max_block: int = 16, distributed: bool | None = None,
                  timeout: float = 300.0, forward: None = None):
         if forward is not None:
             raise TypeError(
@@ -155,9 +155,12 @@ class GGNOperator(ModelOperator):
         live = [i for i, g in enumerate(grads) if g is not None]
         return _Linearisation(leaves, live, outputs, u, [grads[i] for i in live], hessian_out)
 
-    def _product(self, state: _Linearisation | None, v: torch.Tensor) -> torch.Tensor | None:
+    def _products(self, state: _Linearisation | None, rows: torch.Tensor) -> torch.Tensor | None:
         if state is None or not state.live:
             return None
+        return torch.stack([self._product(state, v) for v in rows])
+
+    def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(v, self._sizes)
         vs = [chunks[i].view_as(state.leaves[i]).to(state.leaves[i].dtype) for i in state.live]
         try:

@@ -20,9 +20,14 @@ from scipy.linalg import eigh_tridiagonal
 
 
 def apply(H: Any, V: torch.Tensor) -> torch.Tensor:
-    """``H @ V`` in float64 for an operator or a dense tensor of any floating dtype."""
+    """``H @ V`` in float64 for an operator or a dense tensor of any floating dtype.
+
+    A single column goes through ``H @ v`` (operators serve one vector with less overhead).
+    """
     if isinstance(H, torch.Tensor):
         return (H @ V.to(H.dtype)).to(torch.float64)
+    if V.dim() == 2 and V.shape[1] == 1:
+        return (H @ V[:, 0]).to(torch.float64)[:, None]
     return (H @ V).to(torch.float64)
 
 
@@ -69,11 +74,15 @@ class Lanczos:
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Inner products of each recurrence's vectors: ``(..., n, b) x (n, b) -> (..., b)``."""
-        return (A * B).sum(-2)
+        return torch.einsum("...nb,nb->...b", A, B)
 
     def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Broadcast per-recurrence coefficients ``(..., b)`` over the vector layout."""
         return coeffs.unsqueeze(-2)
+
+    def _combine(self, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """sum_j basis[j] * coeffs[j] per recurrence: ``(j, n, b) x (j, b) -> (n, b)``."""
+        return torch.einsum("jnb,jb->nb", basis, coeffs)
 
     @property
     def done(self) -> bool:
@@ -86,8 +95,8 @@ class Lanczos:
         w = apply(self.H, q)
         alpha = self._dot(q, w)
         previous = self.basis[: j + 1]
-        for _ in range(2):
-            w -= (previous * self._spread(self._dot(previous, w))).sum(0)
+        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
+            w -= self._combine(previous, self._dot(previous, w))
         beta = self._dot(w, w).sqrt()
         active = self.active.to(beta.device)
         self._scale = max(self._scale, float(alpha.abs().max()), float(beta.max()))
@@ -142,6 +151,9 @@ class SegmentedLanczos(Lanczos):
 
     def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
         return coeffs.index_select(-1, self._index).unsqueeze(-1) * self._mask
+
+    def _combine(self, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        return (basis * self._spread(coeffs)).sum(0)
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
         return super().vectors(S, 0) * (self.segments == col).to(torch.float64)[:, None]

@@ -116,10 +116,12 @@ class _BlockDiagonal:
     def __init__(self, H: Any, ids: torch.Tensor, n_groups: int):
         self.H, self.shape, self.dtype, self.device = H, H.shape, H.dtype, H.device
         self._ids = ids.to(H.device)
-        self._chunk = getattr(H, "max_block", 64)
+        self._chunk = getattr(H, "max_block", 16)
         self._groups = n_groups
 
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        if V.dim() == 1:
+            return (self @ V[:, None])[:, 0]
         out = torch.zeros_like(V, dtype=torch.float64)
         for j in range(V.shape[1]):
             for start in range(0, self._groups, self._chunk):

@@ -69,10 +69,16 @@ class CurvatureOperator(ABC):
             raise ValueError(f"H @ v needs v of shape ({n},) or ({n}, k); got {tuple(v.shape)}")
         if not v.is_floating_point():
             raise TypeError(f"H @ v needs a floating-point v, got {v.dtype}")
-        V = v.reshape(n, -1).to(self.device)
-        out = self._matmat(V) if V.shape[1] else V.new_zeros(n, 0, dtype=torch.float64)
-        self.matvecs += V.shape[1]
-        return out.to(v.dtype).reshape(v.shape)
+        if v.dim() == 1:
+            out = self._matvec(v.to(self.device))
+        else:
+            out = self._matmat(v.to(self.device)) if v.shape[1] else v.new_zeros(n, 0, dtype=torch.float64)
+        self.matvecs += 1 if v.dim() == 1 else v.shape[1]
+        return out.to(v.dtype)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for one flat vector (operators with a cheaper single product override this)."""
+        return self._matmat(v[:, None])[:, 0]
 
     def to_scipy(self) -> LinearOperator:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` (float64, symmetric)."""
@@ -96,11 +102,11 @@ class ModelOperator(CurvatureOperator):
     lock-step (each batch's state built once per block) in chunks of at most ``max_block``
     columns; under torch.distributed each rank's data is a shard and every block is
     all-reduced once (sample-count weighted). Subclasses define ``_prepare(batch)`` and
-    ``_product(state, v)``.
+    ``_products(state, rows)``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
-                 forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 64,
+                 forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 16,
                  distributed: bool | None = None, timeout: float = 300.0):
         names, tensors = select_parameters(model, params)
         super().__init__(tensors, names)
@@ -116,6 +122,7 @@ class ModelOperator(CurvatureOperator):
         self._batches = as_batches(data)
         self._single = isinstance(self._batches, list) and len(self._batches) == 1
         self._cached: Any = None
+        self._batched_ok = True
 
     @property
     def single_batch(self) -> bool:
@@ -127,8 +134,8 @@ class ModelOperator(CurvatureOperator):
         """Per-batch state reused by every product on that batch (e.g. the gradient graph)."""
 
     @abstractmethod
-    def _product(self, state: Any, v: torch.Tensor) -> torch.Tensor | None:
-        """One product on one batch, flat in parameter order (None if it is identically zero)."""
+    def _products(self, state: Any, rows: torch.Tensor) -> torch.Tensor | None:
+        """Products with the rows of ``rows`` (k, n) on one batch, as (k, n) (None if identically zero)."""
 
     def _states(self):
         """Yield ``(n_b, state)`` per local batch; a single batch's state is built once and cached."""
@@ -139,6 +146,14 @@ class ModelOperator(CurvatureOperator):
             return
         for batch in self._batches:
             yield batch_size(batch), self._prepare(to_device(batch, self.device))
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._single or self.distributed:
+            return super()._matvec(v)
+        out = self._products(next(self._states())[1], v.to(self.dtype)[None])
+        out = v.new_zeros(v.shape, dtype=self.dtype) if out is None else out[0]
+        self._check_finite(out[None])
+        return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         rows = V.T.to(self.dtype).contiguous()
@@ -153,10 +168,9 @@ class ModelOperator(CurvatureOperator):
         total = 0
         for weight, state in self._states():
             total += weight
-            products = [self._product(state, row) for row in rows]
-            if products[0] is None:
+            block = self._products(state, rows)
+            if block is None:
                 continue
-            block = products[0][None] if len(products) == 1 else torch.stack(products)
             if self._single and not self.distributed:
                 return block.to(torch.float64)
             out.add_(block.to(torch.float64), alpha=weight)
@@ -234,20 +248,35 @@ class HessianOperator(ModelOperator):
             raise ValueError("data is empty: it yielded no batch or no samples")
         return total / count
 
-    def _product(self, state, v: torch.Tensor) -> torch.Tensor | None:
+    def _products(self, state, rows: torch.Tensor) -> torch.Tensor | None:
+        """All rows in one batched double backward (vmap) when the model allows it, else one at a time."""
         leaves, live, grads, _ = state
         if not live:
             return None
-        chunks = torch.split(v, self._sizes)
-        vs = [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
-              for g, i in zip(grads, live)]
-        hv = self._vjp(grads, leaves, vs)
-        return torch.cat([h.reshape(-1) if h is not None else v.new_zeros(p.numel()) for h, p in zip(hv, self.params)])
+        k = rows.shape[0]
+        chunks = torch.split(rows, self._sizes, dim=1)
+        vs = [chunks[i].reshape(k, *g.shape).to(g.dtype) for g, i in zip(grads, live)]
+        if k == 1 or not self._batched_ok:
+            hv = [self._vjp(grads, leaves, [v[j] for v in vs]) for j in range(k)]
+            flat = [self._flat(h, rows) for h in hv]
+            return flat[0][None] if k == 1 else torch.stack(flat)
+        try:
+            hv = self._vjp(grads, leaves, vs, batched=True)
+        except RuntimeError:
+            self._batched_ok = False  # an op without a batching rule: products one at a time from now on
+            return self._products(state, rows)
+        return torch.cat([(h.reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
+                          for h, p in zip(hv, self.params)], 1)
+
+    def _flat(self, hv, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h.reshape(-1) if h is not None else like.new_zeros(p.numel())
+                          for h, p in zip(hv, self.params)])
 
     @staticmethod
-    def _vjp(grads, leaves, vs):
+    def _vjp(grads, leaves, vs, batched: bool = False):
         try:
-            return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=batched)
         except RuntimeError as err:
             if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
                 raise RuntimeError(
