@@ -137,12 +137,16 @@ class ModelOperator(CurvatureOperator):
     def _products(self, state: Any, rows: torch.Tensor) -> torch.Tensor | None:
         """Products with the rows of ``rows`` (k, n) on one batch, as (k, n) (None if identically zero)."""
 
+    def _single_state(self) -> Any:
+        """The state of the only batch, built on first use and cached."""
+        if self._cached is None:
+            self._cached = self._prepare(to_device(self._batches[0], self.device))
+        return self._cached
+
     def _states(self):
         """Yield ``(n_b, state)`` per local batch; a single batch's state is built once and cached."""
         if self._single:
-            if self._cached is None:
-                self._cached = self._prepare(to_device(self._batches[0], self.device))
-            yield batch_size(self._batches[0]), self._cached
+            yield batch_size(self._batches[0]), self._single_state()
             return
         for batch in self._batches:
             yield batch_size(batch), self._prepare(to_device(batch, self.device))
@@ -150,7 +154,7 @@ class ModelOperator(CurvatureOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         if not self._single or self.distributed:
             return super()._matvec(v)
-        out = self._products(next(self._states())[1], v.to(self.dtype)[None])
+        out = self._products(self._single_state(), v.to(self.dtype)[None])
         out = v.new_zeros(v.shape, dtype=self.dtype) if out is None else out[0]
         self._check_finite(out[None])
         return out
@@ -254,12 +258,11 @@ class HessianOperator(ModelOperator):
         if not live:
             return None
         k = rows.shape[0]
+        if k == 1 or not self._batched_ok:
+            flat = [self._flat(self._vjp(grads, leaves, self._chunks(row, grads, live)), rows) for row in rows]
+            return flat[0][None] if k == 1 else torch.stack(flat)
         chunks = torch.split(rows, self._sizes, dim=1)
         vs = [chunks[i].reshape(k, *g.shape).to(g.dtype) for g, i in zip(grads, live)]
-        if k == 1 or not self._batched_ok:
-            hv = [self._vjp(grads, leaves, [v[j] for v in vs]) for j in range(k)]
-            flat = [self._flat(h, rows) for h in hv]
-            return flat[0][None] if k == 1 else torch.stack(flat)
         try:
             hv = self._vjp(grads, leaves, vs, batched=True)
         except RuntimeError:
@@ -267,6 +270,12 @@ class HessianOperator(ModelOperator):
             return self._products(state, rows)
         return torch.cat([(h.reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
                           for h, p in zip(hv, self.params)], 1)
+
+    def _chunks(self, v: torch.Tensor, grads, live) -> list[torch.Tensor]:
+        """A flat vector's pieces for the parameters whose gradients carry a graph."""
+        chunks = torch.split(v, self._sizes)
+        return [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
+                for g, i in zip(grads, live)]
 
     def _flat(self, hv, like: torch.Tensor) -> torch.Tensor:
         return torch.cat([h.reshape(-1) if h is not None else like.new_zeros(p.numel())
