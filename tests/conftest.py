@@ -100,3 +100,26 @@ def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
     return (Q * eigs) @ Q.T
+
+
+def assert_untouched_by(call) -> None:
+    """Run ``call(model, x, y)`` on a train-mode conv+BN model with a set .grad and a frozen parameter,
+    and check that parameters, buffers, modes, .grad and requires_grad are exactly as before."""
+    model, x, y = make_model("conv_bn")
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[4].bias.requires_grad_(False)
+
+    def state():
+        return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+                [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+                [p.requires_grad for p in model.parameters()])
+
+    before = state()
+    call(model, x, y)
+    after = state()
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1]
+    assert torch.equal(after[2][0], before[2][0]) and all(g is None for g in after[2][1:])
+    assert before[3] == after[3]

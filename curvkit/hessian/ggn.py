@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._model import LossFn, ParamSpec
-from .operator import _DOUBLE_BACKWARD_HINTS, ModelOperator
+from .operator import ModelOperator, explained_double_backward
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -163,16 +163,8 @@ class GGNOperator(ModelOperator):
     def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(v, self._sizes)
         vs = [chunks[i].view_as(state.leaves[i]).to(state.leaves[i].dtype) for i in state.live]
-        try:
+        with explained_double_backward("GGN products (J v differentiates the model's backward pass)"):
             (jv,) = torch.autograd.grad(state.grads, state.u, vs, retain_graph=True)
-        except RuntimeError as err:
-            if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
-                raise RuntimeError(
-                    "J v is computed by differentiating the model's backward pass w.r.t. its output gradient, "
-                    f"which an operation in the model does not support ({err}); replace the operation with a "
-                    "twice-differentiable one, or restrict params= to parameters after it."
-                ) from err
-            raise
         live_leaves = [state.leaves[i] for i in state.live]
         jtw = torch.autograd.grad(state.outputs, live_leaves, state.hessian_out(jv), retain_graph=True)
         out = v.new_zeros(v.shape[0])

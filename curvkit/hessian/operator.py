@@ -6,6 +6,7 @@ import datetime
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,20 @@ from torch import nn
 from ._model import BorrowedLoss, ForwardFn, LossFn, ParamSpec, as_batches, batch_size, select_parameters, to_device
 
 _DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
+
+
+@contextmanager
+def explained_double_backward(what: str):
+    """Turn autograd's error for an operation without double backward into one that says what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
+            raise RuntimeError(
+                f"an operation in the model does not support double backward, which {what} need ({err}). "
+                "Replace it with a twice-differentiable operation, or restrict params= to parameters after it."
+            ) from err
+        raise
 
 
 class CurvatureOperator(ABC):
@@ -283,14 +298,6 @@ class HessianOperator(ModelOperator):
 
     @staticmethod
     def _vjp(grads, leaves, vs, batched: bool = False):
-        try:
+        with explained_double_backward("Hessian-vector products (and GGN products)"):
             return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True,
                                        is_grads_batched=batched)
-        except RuntimeError as err:
-            if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
-                raise RuntimeError(
-                    "an operation in the model does not support double backward, which Hessian-vector products "
-                    f"need ({err}). Replace the operation with a twice-differentiable one (GGNOperator needs the "
-                    "same support), or restrict params= to parameters after it."
-                ) from err
-            raise

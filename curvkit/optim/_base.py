@@ -181,6 +181,17 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def _advance(self, params: list, buffers: tuple[str, ...], counters: tuple[str, ...] = ()) -> list[dict]:
+        """Per-parameter state, created with zero ``buffers`` and ``counters`` on first use; counts the step."""
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = 0
+                st.update(dict.fromkeys(counters, 0))
+                st.update({b: torch.zeros_like(p, memory_format=torch.preserve_format) for b in buffers})
+            st["step"] += 1
+        return states
+
     @abstractmethod
     def _update(self, group: dict, params: list, grads: list, curvature: list | None) -> None:
         """Apply the update rule to ``params`` of one group (``curvature`` None on non-refresh steps)."""

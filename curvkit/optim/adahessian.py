@@ -45,14 +45,7 @@ class AdaHessian(CurvatureOptimizer):
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            if not st:
-                st["step"] = 0
-                st["curvature_updates"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
+        states = self._advance(params, ("exp_avg", "exp_hessian_diag_sq"), ("curvature_updates",))
         exp_avg = [st["exp_avg"] for st in states]
         exp_sq = [st["exp_hessian_diag_sq"] for st in states]
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)

@@ -36,13 +36,7 @@ class Sophia(CurvatureOptimizer):
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            if not st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
+        states = self._advance(params, ("exp_avg", "hessian"))
         exp_avg = [st["exp_avg"] for st in states]
         hessian = [st["hessian"] for st in states]
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
