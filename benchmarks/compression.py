@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.compress import mixed_precision, prune_channels, quantize, recalibrate_bn, sensitivity
+from curvkit.compress import channel_scores, mixed_precision, prune_channels, quantize, recalibrate_bn, sensitivity
 from curvkit.demo import load_digits_tensors
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -66,9 +66,10 @@ def quantization_rows(model, sens, test, seed):
 def pruning_rows(model, train_batch, test, seed):
     rows = []
     for method in METHODS:
+        scores = channel_scores(model, F.cross_entropy, train_batch, method, seed=seed, max_matvecs=1000,
+                                progress=False)
         for fraction in FRACTIONS:
-            pruned = prune_channels(model, F.cross_entropy, train_batch, amount=fraction, method=method, seed=seed,
-                                    max_matvecs=1000, progress=False)
+            pruned = prune_channels(model, F.cross_entropy, train_batch, amount=fraction, method=method, scores=scores)
             rows.append({"seed": seed, "method": method, "fraction": fraction, "accuracy": accuracy(pruned, test),
                          "accuracy_bn_recalibrated": accuracy(recalibrate_bn(pruned, [train_batch]), test)})
     return rows

@@ -28,13 +28,12 @@ METHODS = ("hessian", "quadratic", "l2", "l1")
 
 
 def channel_scores(model: nn.Module, loss_fn: Any, data: Any, method: str = "hessian", seed: Seed = 0,
-                   sens: pd.DataFrame | None = None, **sensitivity_kwargs: Any) -> pd.DataFrame:
+                   **sensitivity_kwargs: Any) -> pd.DataFrame:
     """Importance of every output channel of every Linear/Conv layer: columns ``module, channel, score``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hessian":
-        sens = sens if sens is not None else sensitivity(model, loss_fn, data, "channel", seed=seed,
-                                                         **sensitivity_kwargs)
+        sens = sensitivity(model, loss_fn, data, "channel", seed=seed, **sensitivity_kwargs)
         return sens.assign(score=sens["hap"])[["module", "channel", "score"]]
     layers, _ = weight_layers(model)
     if method == "quadratic":
@@ -135,7 +134,7 @@ class Implanted(nn.Module):
 
 def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.5, method: str = "hessian",
                    seed: Seed = 0, implant: bool = False, *, max_per_layer: float = 0.9,
-                   classifier: str | None = None, sens: pd.DataFrame | None = None,
+                   classifier: str | None = None, scores: pd.DataFrame | None = None,
                    **sensitivity_kwargs: Any) -> nn.Module:
     r"""A pruned copy of ``model``: the ``amount`` fraction of output channels with the lowest importance zeroed.
 
@@ -148,6 +147,7 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
     ``implant=True`` gives the more sensitive half of each layer's pruned channels a
     zero-initialised low-rank path (:class:`Implanted`) to fine-tune. The pruning table is in
     ``pruned.pruning_table``; non-Linear/Conv modules are listed in ``pruned.pruning_skipped``.
+    ``scores`` (from :func:`channel_scores`) reuses importances across several amounts.
 
     >>> pmodel = prune_channels(model, F.cross_entropy, (x, y), amount=0.5, method="hessian")
     """
@@ -159,7 +159,8 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
     classifier = list(layers)[-1] if classifier is None else classifier
     if classifier not in layers:
         raise ValueError(f"classifier {classifier!r} is not a Linear/Conv layer of the model: {list(layers)}")
-    scores = channel_scores(model, loss_fn, data, method, seed, sens, **sensitivity_kwargs)
+    if scores is None:
+        scores = channel_scores(model, loss_fn, data, method, seed, **sensitivity_kwargs)
     table = select_channels(scores, amount, {classifier}, max_per_layer)
     pruned = copy_model(model)
     modules = dict(pruned.named_modules())
