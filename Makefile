@@ -20,6 +20,7 @@ test: install
 bench: install
 	$(PIP) -e ".[bench]"
 	$(PYTHON) benchmarks/engine_vs_anchors.py
+	$(PYTHON) benchmarks/scale_and_landscape.py
 
 lint:
 	$(PYTHON) -m ruff check curvkit tests benchmarks
