@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._model import LossFn, ParamSpec
-from .operator import ModelOperator, explained_double_backward
+from .operator import ModelOperator, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -163,8 +163,10 @@ class GGNOperator(ModelOperator):
     def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(v, self._sizes)
         vs = [chunks[i].view_as(state.leaves[i]).to(state.leaves[i].dtype) for i in state.live]
-        with explained_double_backward("GGN products (J v differentiates the model's backward pass)"):
+        try:
             (jv,) = torch.autograd.grad(state.grads, state.u, vs, retain_graph=True)
+        except RuntimeError as err:
+            reraise_explained(err, "GGN products (J v differentiates the model's backward pass)")
         live_leaves = [state.leaves[i] for i in state.live]
         jtw = torch.autograd.grad(state.outputs, live_leaves, state.hessian_out(jv), retain_graph=True)
         out = v.new_zeros(v.shape[0])

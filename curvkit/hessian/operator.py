@@ -6,7 +6,6 @@ import datetime
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,18 +19,14 @@ from ._model import BorrowedLoss, ForwardFn, LossFn, ParamSpec, as_batches, batc
 _DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
 
 
-@contextmanager
-def explained_double_backward(what: str):
-    """Turn autograd's error for an operation without double backward into one that says what to do."""
-    try:
-        yield
-    except RuntimeError as err:
-        if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
-            raise RuntimeError(
-                f"an operation in the model does not support double backward, which {what} need ({err}). "
-                "Replace it with a twice-differentiable operation, or restrict params= to parameters after it."
-            ) from err
-        raise
+def reraise_explained(err: RuntimeError, what: str):
+    """Re-raise autograd's error for an operation without double backward as one that says what to do."""
+    if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
+        raise RuntimeError(
+            f"an operation in the model does not support double backward, which {what} need ({err}). "
+            "Replace it with a twice-differentiable operation, or restrict params= to parameters after it."
+        ) from err
+    raise err
 
 
 class CurvatureOperator(ABC):
@@ -298,6 +293,8 @@ class HessianOperator(ModelOperator):
 
     @staticmethod
     def _vjp(grads, leaves, vs, batched: bool = False):
-        with explained_double_backward("Hessian-vector products (and GGN products)"):
+        try:
             return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True,
                                        is_grads_batched=batched)
+        except RuntimeError as err:
+            reraise_explained(err, "Hessian-vector products (and GGN products)")
