@@ -424,9 +424,9 @@ def top_error(values, spectrum: np.ndarray, k: int, magnitude: bool = False) -> 
     return float(np.max(np.abs(vals - ref) / np.abs(ref)))
 
 
-def curvkit_eig(H, k: int) -> Run:
-    return Run("curvkit", f"eigenvalues(tol={EIG_TOL:g})",
-               lambda s: eigenvalues(H, k=k, which="LA", tol=EIG_TOL, seed=s).values.numpy())
+def curvkit_eig(H, k: int, tol: float = EIG_TOL) -> Run:
+    return Run("curvkit", f"eigenvalues(tol={tol:g})",
+               lambda s: eigenvalues(H, k=k, which="LA", tol=tol, seed=s).values.numpy())
 
 
 def pyhessian_eig(hc, k: int, max_iter: int, tol: float, label: str) -> Run:
@@ -458,6 +458,7 @@ def eig_runs(libs: dict[str, Lib], k: int, lanczos_steps: int | None) -> list[Ru
     runs = []
     if "curvkit" in libs:
         runs.append(curvkit_eig(libs["curvkit"].op, k))
+        runs.append(curvkit_eig(libs["curvkit"].op, k, tol=1e-3))  # PyHessian's default tolerance
     if "PyHessian" in libs:
         hc = libs["PyHessian"].op
         runs.append(pyhessian_eig(hc, k, 100, 1e-3, "defaults (maxIter=100, tol=1e-3)"))

@@ -50,15 +50,17 @@ class Lanczos:
     """Lanczos recurrences started from the columns of ``V0`` (shape ``(n, b)``), run in lock-step.
 
     Call :meth:`step` repeatedly; a recurrence stops when its Krylov space becomes invariant
-    (``beta`` ~ 0, its tridiagonal is then exact) or after ``max_steps`` steps.
+    (``beta`` ~ 0, its tridiagonal is then exact) or after ``max_steps`` steps. The basis is stored
+    as ``(rows, max_steps + 1, n)`` so that reorthogonalisation is two batched matrix products.
     """
 
     def __init__(self, H: Any, V0: torch.Tensor, max_steps: int):
         n = V0.shape[0]
         self.H = H
         self.max_steps = min(max_steps, n)
-        self.basis = torch.zeros(self.max_steps + 1, *V0.shape, dtype=torch.float64, device=V0.device)
-        self.basis[0] = V0 * self._spread(self._dot(V0, V0).rsqrt())
+        rows = V0.T.to(torch.float64)
+        self.basis = torch.zeros(rows.shape[0], self.max_steps + 1, n, dtype=torch.float64, device=V0.device)
+        self.basis[:, 0] = rows * self._spread(self._dot(rows, rows).rsqrt())
         r = self.recurrences
         self.alpha = torch.zeros(r, self.max_steps, dtype=torch.float64)
         self.beta = torch.zeros(r, self.max_steps, dtype=torch.float64)
@@ -70,31 +72,33 @@ class Lanczos:
 
     @property
     def recurrences(self) -> int:
-        return self.basis.shape[-1]
+        return self.basis.shape[0]
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """Inner products of each recurrence's vectors: ``(..., n, b) x (n, b) -> (..., b)``."""
-        return torch.einsum("...nb,nb->...b", A, B)
+        """Inner products per recurrence: ``(b, j, n) x (b, n) -> (b, j)`` or ``(b, n) x (b, n) -> (b,)``."""
+        if A.dim() == 3:
+            return torch.bmm(A, B.unsqueeze(2)).squeeze(2)
+        return (A * B).sum(1)
 
     def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Broadcast per-recurrence coefficients ``(..., b)`` over the vector layout."""
-        return coeffs.unsqueeze(-2)
+        """Per-recurrence scalars ``(b,)`` as a factor for the vectors ``(b, n)``."""
+        return coeffs.unsqueeze(1)
 
     def _combine(self, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        """sum_j basis[j] * coeffs[j] per recurrence: ``(j, n, b) x (j, b) -> (n, b)``."""
-        return torch.einsum("jnb,jb->nb", basis, coeffs)
+        """sum_j coeffs[:, j] basis[:, j] per recurrence: ``(b, j, n) x (b, j) -> (b, n)``."""
+        return torch.bmm(coeffs.unsqueeze(1), basis).squeeze(1)
 
     @property
     def done(self) -> bool:
         return self.steps >= self.max_steps or not bool(self.active.any())
 
     def step(self) -> None:
-        """One Lanczos step of every recurrence (one product per column of the basis)."""
+        """One Lanczos step of every recurrence (one product per row of the basis)."""
         j = self.steps
-        q = self.basis[j]
-        w = apply(self.H, q)
+        q = self.basis[:, j]
+        w = apply(self.H, q.T).T.contiguous()
         alpha = self._dot(q, w)
-        previous = self.basis[: j + 1]
+        previous = self.basis[:, : j + 1]
         for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
             w -= self._combine(previous, self._dot(previous, w))
         beta = self._dot(w, w).sqrt()
@@ -105,7 +109,7 @@ class Lanczos:
         self.alpha[:, j] = torch.where(active, alpha, 0).cpu()
         self.beta[:, j] = torch.where(keep, beta, 0).cpu()
         self.length[self.active] = j + 1
-        self.basis[j + 1] = w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0))
+        self.basis[:, j + 1] = w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0))
         self.active &= ~broke.cpu()
         self.steps = j + 1
 
@@ -114,46 +118,48 @@ class Lanczos:
         m = int(self.length[col])
         a = self.alpha[col, :m].numpy()
         b = self.beta[col, :m].numpy()
-        theta, S = eigh_tridiagonal(a, b[: m - 1])
+        theta, S = eigh_tridiagonal(a, b[: m - 1], check_finite=False)
         return theta, S, np.abs(b[m - 1] * S[m - 1, :])
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
         """Ritz vectors ``Q_m S`` for recurrence ``col`` (``S`` from :meth:`ritz`)."""
         m = int(self.length[col])
         coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
-        return self.basis[:m, :, col].T @ coeffs
+        return self.basis[col, :m].T @ coeffs
 
 
 class SegmentedLanczos(Lanczos):
     """One Lanczos recurrence per segment of a single vector, for a block-diagonal operator.
 
     ``segments[i]`` is the block of coordinate i (or -1 for none). With ``H`` block diagonal in
-    those segments, each segment evolves independently, so G recurrences cost one ``(n, 1)``
-    basis instead of G full-length ones.
+    those segments, each segment evolves independently, so G recurrences cost one length-n
+    basis vector per step instead of G.
     """
 
     def __init__(self, H: Any, v0: torch.Tensor, segments: torch.Tensor, max_steps: int):
         self.segments = segments.to(v0.device)
         self.n_segments = int(segments.max()) + 1
-        self._mask = (self.segments >= 0).to(torch.float64)[:, None]
+        self._mask = (self.segments >= 0).to(torch.float64)
         self._index = self.segments.clamp_min(0)
         sizes = torch.bincount(self._index[self.segments >= 0], minlength=self.n_segments)
-        super().__init__(H, v0.reshape(-1, 1) * self._mask, min(max_steps, int(sizes.max())))
+        super().__init__(H, (v0.reshape(-1) * self._mask)[:, None], min(max_steps, int(sizes.max())))
 
     @property
     def recurrences(self) -> int:
         return self.n_segments
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        prod = (A * B * self._mask)[..., 0]
-        out = prod.new_zeros(*prod.shape[:-1], self.n_segments)
-        return out.index_add_(-1, self._index, prod)
+        prod = (A * B * self._mask)[0]
+        out = prod.new_zeros(*prod.shape[:-1], self.n_segments).index_add_(-1, self._index, prod)
+        return out.T if out.dim() == 2 else out
 
     def _spread(self, coeffs: torch.Tensor) -> torch.Tensor:
-        return coeffs.index_select(-1, self._index).unsqueeze(-1) * self._mask
+        return (coeffs[self._index] * self._mask)[None]
 
     def _combine(self, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        return (basis * self._spread(coeffs)).sum(0)
+        return (basis[0] * coeffs[self._index].T).sum(0, keepdim=True) * self._mask
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
-        return super().vectors(S, 0) * (self.segments == col).to(torch.float64)[:, None]
+        m = int(self.length[col])
+        coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
+        return (self.basis[0, :m].T @ coeffs) * (self.segments == col).to(torch.float64)[:, None]
