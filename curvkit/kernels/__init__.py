@@ -1,1 +1,143 @@
-"""Fused C++/CUDA kernels from csrc/ with pure-PyTorch references."""
+r"""Fused C++/CUDA kernels from csrc/ with pure-PyTorch references, one dispatch function per op.
+
+Each function below runs the compiled op (``torch.ops.curvkit.*``) for its tensors' device when it is
+built and takes them, and otherwise the reference of the same name in :mod:`curvkit.kernels.reference`
+(same arithmetic, any device). ``fused=None`` picks, ``True`` requires the kernel (an error says why it
+cannot run), ``False`` forces the reference. The libraries build on first use (ninja, about 20 s for
+the CPU one on 2 cores), are cached on disk, and a failed build warns once and falls back.
+
+Lists are one parameter group: one call updates all of its tensors (contiguous, one floating dtype,
+one device). The ops have no derivatives: they run under ``torch.no_grad()``. Probes are Rademacher
+vectors from Philox4x32-10 keyed by ``(seed, offset)``, generated where they are used and
+bit-identical between the kernels and the reference on every device.
+
+>>> from curvkit import kernels
+>>> kernels.available()                                   # {"cpu": True, "cuda": False}
+>>> zs = kernels.rademacher(params, seed=0, offset=step)  # +-1 probes shaped like params
+>>> dots = kernels.accumulate_zhz_(d, hz, seed=0, offset=step)   # d += z * hz, dots[j] = z_j . hz_j
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import build, reference
+
+__all__ = ["accumulate_zhz_", "adahessian_step_", "available", "rademacher", "rademacher_", "reference",
+           "softmax_ce_hessian_product", "sophia_step_", "use_kernels"]
+
+
+def available() -> dict[str, bool]:
+    """Which compiled kernels this process can use, building them on first call: ``{"cpu": ..., "cuda": ...}``."""
+    return {kind: build.load(kind) for kind in build.LIBRARIES}
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why there is no kernel for ``device`` (None if there is one)."""
+    if build.disabled():
+        return "the kernels are turned off by CURVKIT_KERNELS=0"
+    if device.type not in build.LIBRARIES:
+        return f"there are no kernels for {device.type} tensors (only cpu and cuda)"
+    if not build.load(device.type):
+        return f"the {device.type} kernels failed to build or load ({build.error(device.type)})"
+    return None
+
+
+def use_kernels(device: torch.device | str, fused: bool | None = None) -> bool:
+    """Whether ops on ``device`` run the kernels: ``fused=None`` when built, ``True`` always (raising
+    RuntimeError with the reason where they cannot), ``False`` never."""
+    if fused is False:
+        return False
+    reason = _unavailable(torch.device(device))
+    if reason is not None and fused:
+        raise RuntimeError(f"fused=True needs curvkit's compiled kernels, but {reason}; "
+                           "use fused=None (kernels where available) or fused=False (the PyTorch path)")
+    return reason is None
+
+
+def _call(name: str, first: torch.Tensor, fused: bool | None, *args):
+    """Run kernel ``name`` if the dispatch allows; ``NotImplemented`` where the reference must run.
+
+    The kernels check their arguments before touching any data, so an argument they refuse
+    (a non-contiguous tensor, mixed dtypes) falls back to the reference unless ``fused=True``.
+    """
+    if not use_kernels(first.device, fused):
+        return NotImplemented
+    try:
+        return getattr(torch.ops.curvkit, name)(*args)
+    except RuntimeError as error:
+        if fused or "curvkit::" not in str(error):  # argument checks read "curvkit::<op>: ..."
+            raise
+        return NotImplemented
+
+
+@torch.no_grad()
+def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                     exp_hess_sq: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, hessian_power: float,
+                     bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
+                     fused: bool | None = None) -> None:
+    """Fused AdaHessian update of one group; see :func:`curvkit.kernels.reference.adahessian_step_`."""
+    args = (params, grads, exp_avg, exp_hess_sq, curvature, float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), float(hessian_power), list(bias_correction1), list(bias_correction2))
+    if params and _call("adahessian_step_", params[0], fused, *args) is NotImplemented:
+        reference.adahessian_step_(*args)
+
+
+@torch.no_grad()
+def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                 hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
+                 rho: float, eps: float, weight_decay: float, *, fused: bool | None = None) -> None:
+    """Fused Sophia update of one group; see :func:`curvkit.kernels.reference.sophia_step_`."""
+    args = (params, grads, exp_avg, hessian, curvature, float(lr), float(beta1), float(beta2), float(rho),
+            float(eps), float(weight_decay))
+    if params and _call("sophia_step_", params[0], fused, *args) is NotImplemented:
+        reference.sophia_step_(*args)
+
+
+@torch.no_grad()
+def rademacher(like: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> list[torch.Tensor]:
+    """The Rademacher probes of draw ``(seed, offset)`` as new contiguous tensors shaped like ``like``."""
+    reference._check_seed(seed, offset)
+    if not like:
+        return []
+    out = _call("rademacher", like[0], fused, like, _signed(seed), _signed(offset))
+    return reference.rademacher(like, seed, offset) if out is NotImplemented else out
+
+
+@torch.no_grad()
+def rademacher_(out: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> None:
+    """Fill ``out`` with the Rademacher probes of draw ``(seed, offset)``; see :mod:`curvkit.kernels.reference`."""
+    reference._check_seed(seed, offset)
+    if out and _call("rademacher_", out[0], fused, out, _signed(seed), _signed(offset)) is NotImplemented:
+        reference.rademacher_(out, seed, offset)
+
+
+@torch.no_grad()
+def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, offset: int, alpha: float = 1.0,
+                    accumulate: bool = True, *, fused: bool | None = None) -> torch.Tensor:
+    """``acc += alpha * z * hz`` with the probes z of draw ``(seed, offset)`` regenerated, not read;
+    returns the float64 dots ``z_j . hz_j``. See :func:`curvkit.kernels.reference.accumulate_zhz_`."""
+    reference._check_seed(seed, offset)
+    if not acc:
+        return torch.zeros(0, dtype=torch.float64)
+    dots = _call("accumulate_zhz_", acc[0], fused, acc, hz, _signed(seed), _signed(offset), float(alpha),
+                 bool(accumulate))
+    if dots is NotImplemented:
+        dots = reference.accumulate_zhz_(acc, hz, seed, offset, alpha, accumulate)
+    return dots
+
+
+@torch.no_grad()
+def softmax_ce_hessian_product(logits: torch.Tensor, u: torch.Tensor, scale: float, *,
+                               fused: bool | None = None) -> torch.Tensor:
+    """``scale * (diag(p) - p p^T) u`` per row of 2-D ``logits``, p = softmax(logits, 1), in one pass."""
+    out = _call("softmax_ce_hessian_product", logits, fused, logits, u, float(scale))
+    return reference.softmax_ce_hessian_product(logits, u, scale) if out is NotImplemented else out
+
+
+def _signed(value: int) -> int:
+    """A uint64 as the int64 with the same bits (torch's ``int`` arguments are signed)."""
+    return value - (1 << 64) if value >= 1 << 63 else value

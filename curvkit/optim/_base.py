@@ -4,6 +4,13 @@ A step gets its gradient either from a closure (the optimizer calls ``torch.auto
 itself, with ``create_graph`` only on curvature steps) or from ``.grad`` left by
 ``loss.backward(create_graph=True)``. Either way ``.grad`` ends graph-free, so no
 parameter <-> gradient reference cycle survives the step.
+
+Hutchinson probes are Rademacher vectors from Philox4x32-10 keyed by (probe seed, probe offset)
+(:mod:`curvkit.kernels`): the seed is the optimizer's ``seed`` (a Generator's initial seed; fresh
+entropy, shared by all ranks, for None), the offset counts draws, and both are saved in
+``state_dict()``. The fused kernels and the PyTorch path draw the same probes, so ``fused=True``
+and ``fused=False`` follow the same trajectory (to rounding). GNB and callable estimators draw
+from the optimizer's torch.Generator.
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import kernels
 from ..hessian._random import make_generator
-from ..hessian.probes import hutchinson_diagonal
 
 Estimator = Union[str, Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Generator], list]]
 ESTIMATORS = ("hutchinson", "gnb")
@@ -39,31 +46,40 @@ def validate_common(lr, betas, weight_decay, update_each, n_samples, estimator, 
     _check(isinstance(n_samples, int) and n_samples >= 1, f"n_samples must be a positive integer, got {n_samples!r}")
     _check(callable(estimator) or estimator in ESTIMATORS,
            f"estimator must be one of {ESTIMATORS} or a callable(params, grads, generator), got {estimator!r}")
-    _check(fused in (None, False),
-           "fused=True needs curvkit's compiled kernels, which this version does not ship; use fused=None or False")
+    _check(fused is None or isinstance(fused, bool),
+           f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
 
 
 class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     """Base class: one gradient and, every ``update_each`` steps, a diagonal curvature estimate.
 
     Subclasses implement ``_update(group, params, grads, curvature)`` with ``curvature`` a list of
-    diagonal estimates (or None on steps that do not refresh it).
+    diagonal estimates (or None on steps that do not refresh it). ``fused``: None runs the compiled
+    kernels of :mod:`curvkit.kernels` where they are built, True requires them (RuntimeError here if
+    they cannot run), False runs the PyTorch (foreach) path.
     """
 
     def __init__(self, params, defaults: dict, *, update_each: int, n_samples: int, estimator: Estimator,
-                 seed: Any, distributed: bool | None):
+                 seed: Any, distributed: bool | None, fused: bool | None):
         super().__init__(params, defaults)
         self.update_each = update_each
         self.n_samples = n_samples
         self.estimator = estimator
+        self.fused = fused
+        if fused:
+            for device in {p.device for group in self.param_groups for p in group["params"]}:
+                kernels.use_kernels(device, fused=True)
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         self._generator = make_generator(seed, shared=self.distributed)
+        self._probe_seed = self._generator.initial_seed()
+        self._probe_offset = 0
         self._steps = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["curvkit"] = {"steps": self._steps, "generator": self._generator.get_state()}
+        state["curvkit"] = {"steps": self._steps, "generator": self._generator.get_state(),
+                            "probe_seed": self._probe_seed, "probe_offset": self._probe_offset}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -73,6 +89,8 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         if extra is not None:
             self._steps = extra["steps"]
             self._generator.set_state(extra["generator"])
+            self._probe_seed = extra.get("probe_seed", self._probe_seed)
+            self._probe_offset = extra.get("probe_offset", self._probe_offset)
 
     # ------------------------------------------------------------------ step
     def _refresh_now(self) -> bool:
@@ -152,13 +170,45 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         if callable(self.estimator):
             estimates = [d.detach() for d in self.estimator(sub_params, sub_grads, self._generator)]
         else:
-            estimates = hutchinson_diagonal(sub_grads, sub_params, self._generator, self.n_samples)
+            estimates = self._hutchinson(sub_grads, sub_params)
         if len(carrying) == len(params):
             return estimates
         out = [torch.zeros_like(p) for p in params]
         for i, d in zip(carrying, estimates):
             out[i] = d
         return out
+
+    def _hutchinson(self, grads, params) -> list[torch.Tensor]:
+        r"""Mean over ``n_samples`` Philox probes of z * (H z): E[D] = diag(H), E[D_i^2] = ||H_{i,:}||^2.
+
+        H z comes from the gradients' graph (released after the last probe); parameters that the
+        gradients do not depend on get zeros. With the kernels, z * Hz is formed without reading z
+        (it is regenerated from (seed, offset)) into the buffer z occupied.
+        """
+        on_kernels = kernels.use_kernels(params[0].device, self.fused)
+        alpha = 1.0 / self.n_samples
+        total = None
+        for i in range(self.n_samples):
+            offset = self._probe_offset
+            self._probe_offset += 1
+            zs = kernels.rademacher(params, self._probe_seed, offset, fused=self.fused)
+            hz = torch.autograd.grad(grads, params, zs, retain_graph=i < self.n_samples - 1, allow_unused=True)
+            live = [j for j, h in enumerate(hz) if h is not None]
+            for j in set(range(len(params))) - set(live):
+                zs[j].zero_()
+            out, acc_hz = (zs if total is None else total), [hz[j] for j in live]
+            if on_kernels:
+                kernels.accumulate_zhz_([out[j] for j in live], acc_hz, self._probe_seed, offset, alpha,
+                                        accumulate=total is not None, fused=self.fused)
+            else:
+                d = [zs[j] for j in live]
+                torch._foreach_mul_(d, acc_hz)
+                if total is not None:
+                    torch._foreach_add_([total[j] for j in live], d, alpha=alpha)
+                elif alpha != 1:
+                    torch._foreach_mul_(d, alpha)
+            total = out
+        return total
 
     def _gauss_newton_bartlett(self, logits, params) -> list[torch.Tensor]:
         r"""GNB: labels sampled from softmax(logits); D = B * ghat * ghat (Liu et al. 2023)."""

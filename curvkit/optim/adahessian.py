@@ -6,14 +6,18 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ._base import CurvatureOptimizer, Estimator, validate_common
+
+
+def _window_mean(d: torch.Tensor) -> torch.Tensor:
+    """Mean of a diagonal estimate over the kernel window of a conv weight (dims 2.., kept as size 1)."""
+    return d if d.dim() < 3 else d.mean(dim=tuple(range(2, d.dim())), keepdim=True)
 
 
 def spatial_average(d: torch.Tensor) -> torch.Tensor:
     """Average a diagonal estimate over the kernel window of a conv weight (dims 2.., any rank)."""
-    if d.dim() < 3:
-        return d
-    return d.mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
+    return d if d.dim() < 3 else _window_mean(d).expand_as(d)
 
 
 class AdaHessian(CurvatureOptimizer):
@@ -24,6 +28,10 @@ class AdaHessian(CurvatureOptimizer):
     .. math:: \theta \leftarrow \theta (1 - lr\,wd) - lr \frac{m_t / (1 - b_1^t)}{(v_t / (1 - b_2^{s}))^{k/2} + eps}
     where s counts the curvature updates actually made and k is ``hessian_power``.
     Note E[D_i^2] = ||H_{i,:}||^2: the denominator tracks Hessian row norms.
+
+    ``fused=None`` runs the whole update of a parameter group as one call of curvkit's compiled
+    kernel where it is built (CPU, CUDA), ``True`` requires it, ``False`` runs torch's foreach ops;
+    both draw the same Philox probes and agree to rounding.
 
     >>> opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
     >>> loss = opt.step(lambda: loss_fn(model(x), y))     # no backward in the closure
@@ -41,30 +49,21 @@ class AdaHessian(CurvatureOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         spatial_average=spatial_average)
         super().__init__(params, defaults, update_each=update_each, n_samples=n_samples, estimator=estimator,
-                         seed=seed, distributed=distributed)
+                         seed=seed, distributed=distributed, fused=fused)
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
         states = self._advance(params, ("exp_avg", "exp_hessian_diag_sq"), ("curvature_updates",))
-        exp_avg = [st["exp_avg"] for st in states]
-        exp_sq = [st["exp_hessian_diag_sq"] for st in states]
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         if curvature is not None:
             if group["spatial_average"]:
-                curvature = [spatial_average(d) for d in curvature]
-            torch._foreach_mul_(exp_sq, beta2)
-            torch._foreach_addcmul_(exp_sq, curvature, curvature, value=1 - beta2)
+                curvature = [_window_mean(d) for d in curvature]  # the update spreads it over the window
             for st in states:
                 st["curvature_updates"] += 1
         if any(st["curvature_updates"] == 0 for st in states):
             raise RuntimeError("a parameter received a gradient before any curvature estimate; "
                                "this happens when a parameter joins after the first step with update_each > 1")
-        denom = torch._foreach_div(exp_sq, [1 - beta2 ** st["curvature_updates"] for st in states])
-        if group["hessian_power"] == 1:
-            torch._foreach_sqrt_(denom)
-        else:
-            torch._foreach_pow_(denom, group["hessian_power"] / 2)
-        torch._foreach_add_(denom, group["eps"])
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-group["lr"] / (1 - beta1 ** st["step"]) for st in states])
+        kernels.adahessian_step_(
+            params, grads, [st["exp_avg"] for st in states], [st["exp_hessian_diag_sq"] for st in states],
+            curvature or [], group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["hessian_power"],
+            [1 - beta1 ** st["step"] for st in states], [1 - beta2 ** st["curvature_updates"] for st in states],
+            fused=self.fused)

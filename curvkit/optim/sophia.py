@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from .. import kernels
 from ._base import CurvatureOptimizer, Estimator, validate_common
 
 
@@ -19,6 +18,9 @@ class Sophia(CurvatureOptimizer):
     >>> opt.step(lambda: loss_fn(model(x), y))                              # SophiaH
     >>> opt = Sophia(model.parameters(), estimator="gnb")
     >>> opt.step(lambda: (loss_fn(logits := model(x), y), logits))          # SophiaG
+
+    ``fused=None`` runs the update of a parameter group as one call of curvkit's compiled kernel where
+    it is built, ``True`` requires it, ``False`` runs torch's foreach ops (same probes, same results).
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
@@ -32,22 +34,11 @@ class Sophia(CurvatureOptimizer):
             raise ValueError(f"eps must be positive, got {eps!r}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps)
         super().__init__(params, defaults, update_each=update_each, n_samples=n_samples, estimator=estimator,
-                         seed=seed, distributed=distributed)
+                         seed=seed, distributed=distributed, fused=fused)
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
         states = self._advance(params, ("exp_avg", "hessian"))
-        exp_avg = [st["exp_avg"] for st in states]
-        hessian = [st["hessian"] for st in states]
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        if curvature is not None:
-            torch._foreach_mul_(hessian, beta2)
-            torch._foreach_add_(hessian, curvature, alpha=1 - beta2)
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        denom = torch._foreach_mul(hessian, group["rho"])
-        torch._foreach_clamp_min_(denom, group["eps"])
-        ratio = torch._foreach_div(exp_avg, denom)
-        torch._foreach_clamp_min_(ratio, -1.0)
-        torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_add_(params, ratio, alpha=-group["lr"])
+        kernels.sophia_step_(params, grads, [st["exp_avg"] for st in states], [st["hessian"] for st in states],
+                             curvature or [], group["lr"], beta1, beta2, group["rho"], group["eps"],
+                             group["weight_decay"], fused=self.fused)

@@ -251,7 +251,7 @@ def test_same_seed_same_trajectory_and_global_rng_untouched():
     (dict(update_each=0), "update_each"),
     (dict(n_samples=0), "n_samples"),
     (dict(estimator="exact"), "estimator"),
-    (dict(fused=True), "fused"),
+    (dict(fused="yes"), "fused"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,124 @@
+"""AdaHessian and Sophia on the kernels: same trajectory as the foreach path, the documented probes, resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvkit import kernels
+from curvkit.kernels import build, reference
+from curvkit.optim import AdaHessian, Sophia
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+
+def _conv_model(dtype, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 2, 6, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (16,), generator=g)
+    return model, x, y
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _run_twins(make_opt, dtype, steps=20, gnb=False):
+    """The same model trained by the fused and the foreach path; returns both parameter vectors."""
+    model, x, y = _conv_model(dtype)
+    out = []
+    for fused in (True, False):
+        twin = copy.deepcopy(model)
+        opt = make_opt(twin.parameters(), fused)
+
+        def closure():
+            logits = twin(x)
+            loss = F.cross_entropy(logits, y)
+            return (loss, logits) if gnb else loss
+
+        for _ in range(steps):
+            opt.step(closure)
+        out.append(_flat(twin))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(n_samples=2, update_each=3, weight_decay=0.01, hessian_power=0.5),
+    dict(spatial_average=False, betas=(0.6, 0.9)),
+])
+def test_adahessian_fused_and_foreach_paths_agree_after_20_steps(dtype, kwargs):
+    fused, foreach = _run_twins(lambda p, f: AdaHessian(p, lr=0.05, seed=3, fused=f, **kwargs), dtype)
+    assert (fused - foreach).abs().max() <= 1e-5 * foreach.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator", ["hutchinson", "gnb"])
+def test_sophia_fused_and_foreach_paths_agree_after_20_steps(dtype, estimator):
+    fused, foreach = _run_twins(
+        lambda p, f: Sophia(p, lr=0.01, update_each=2, estimator=estimator, seed=4, fused=f), dtype,
+        gnb=estimator == "gnb")
+    assert (fused - foreach).abs().max() <= 1e-5 * foreach.abs().max()
+
+
+def test_fused_none_runs_the_kernels_and_false_the_reference(monkeypatch):
+    calls = []
+    real = reference.adahessian_step_
+    monkeypatch.setattr(reference, "adahessian_step_", lambda *a: (calls.append(1), real(*a)))
+    model, x, y = _conv_model(torch.float32)
+    for fused, expected in [(None, []), (True, []), (False, [1])]:
+        calls.clear()
+        AdaHessian(model.parameters(), seed=0, fused=fused).step(lambda: F.cross_entropy(model(x), y))
+        assert calls == expected, fused
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_probes_are_philox_keyed_by_the_seed_and_a_draw_counter(fused):
+    """On f = 1/2 theta^T A theta the first curvature estimate is D = z * (A z), z = Philox(seed, draw 0)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g)
+    a = a @ a.T
+    theta = torch.zeros(6, requires_grad=True)
+    opt = AdaHessian([theta], betas=(0.9, 0.5), seed=1234, fused=fused)
+    opt.step(lambda: 0.5 * theta @ a @ theta)
+    z = reference.rademacher_flat(6, 1234, 0, theta.dtype)
+    d = z * (a @ z)
+    torch.testing.assert_close(opt.state[theta]["exp_hessian_diag_sq"], 0.5 * d * d)
+    assert opt.state_dict()["curvkit"]["probe_offset"] == 1
+
+
+def test_resume_is_bit_exact_on_the_kernels():
+    model, x, y = _conv_model(torch.float32)
+    opt = AdaHessian(model.parameters(), lr=0.05, n_samples=2, update_each=2, seed=8, fused=True)
+    for _ in range(3):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+
+    resumed = _conv_model(torch.float32)[0]
+    resumed.load_state_dict(saved_model)
+    opt2 = AdaHessian(resumed.parameters(), lr=0.05, n_samples=2, update_each=2, seed=999, fused=True)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(4):
+        opt2.step(lambda: F.cross_entropy(resumed(x), y))
+    assert torch.equal(_flat(model), _flat(resumed))
+
+
+def test_fused_true_explains_when_the_kernels_cannot_run(monkeypatch):
+    monkeypatch.setattr(build, "_loaded", {"cpu": False, "cuda": False})
+    monkeypatch.setattr(build, "_errors", {"cpu": "RuntimeError: no compiler"})
+    with pytest.raises(RuntimeError, match="fused=True needs curvkit's compiled kernels.*no compiler"):
+        AdaHessian(nn.Linear(2, 2).parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        Sophia(nn.Linear(2, 2).parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="no kernels for meta tensors"):
+        kernels.use_kernels("meta", fused=True)
+    AdaHessian(nn.Linear(2, 2).parameters(), fused=None)  # falls back quietly
