@@ -37,6 +37,19 @@ inline void check_same_numel(const char* op, at::TensorList a, const char* name,
 
 // Curvature entries may be fewer than parameter entries: each curvature entry then covers `window`
 // consecutive parameter entries (a conv kernel window averaged beforehand). Returns the windows.
+// The argument checks shared by the fused optimizer updates (AdaHessian, Sophia; CPU and CUDA).
+inline void check_update_lists(const char* op, c10::DeviceType device, at::TensorList params, at::TensorList grads,
+                               const char* name1, at::TensorList state1, const char* name2, at::TensorList state2,
+                               at::TensorList curvature) {
+  std::vector<std::pair<const char*, at::TensorList>> lists = {
+      {"params", params}, {"grads", grads}, {name1, state1}, {name2, state2}};
+  if (!curvature.empty()) lists.push_back({"curvature", curvature});
+  check_lists(op, lists, device);
+  check_same_numel(op, params, "grads", grads);
+  check_same_numel(op, params, name1, state1);
+  check_same_numel(op, params, name2, state2);
+}
+
 inline std::vector<int64_t> curvature_windows(const char* op, at::TensorList params, at::TensorList curvature) {
   std::vector<int64_t> windows(params.size(), 1);
   for (size_t j = 0; j < curvature.size(); ++j) {

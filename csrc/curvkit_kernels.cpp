@@ -93,13 +93,8 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          double beta2, double eps, double weight_decay, double hessian_power,
                          at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2) {
   constexpr const char* op = "adahessian_step_";
-  std::vector<std::pair<const char*, at::TensorList>> lists = {
-      {"params", params}, {"grads", grads}, {"exp_avg", exp_avg}, {"exp_hess_sq", exp_hess_sq}};
-  if (!curvature.empty()) lists.push_back({"curvature", curvature});
-  check_lists(op, lists, c10::DeviceType::CPU);
-  check_same_numel(op, params, "grads", grads);
-  check_same_numel(op, params, "exp_avg", exp_avg);
-  check_same_numel(op, params, "exp_hess_sq", exp_hess_sq);
+  check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "exp_hess_sq", exp_hess_sq,
+                     curvature);
   TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
               "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
   const auto windows = curvature_windows(op, params, curvature);
@@ -135,13 +130,8 @@ void sophia_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList curvature, double lr, double beta1, double beta2, double rho, double eps,
                      double weight_decay) {
   constexpr const char* op = "sophia_step_";
-  std::vector<std::pair<const char*, at::TensorList>> lists = {
-      {"params", params}, {"grads", grads}, {"exp_avg", exp_avg}, {"hessian", hessian}};
-  if (!curvature.empty()) lists.push_back({"curvature", curvature});
-  check_lists(op, lists, c10::DeviceType::CPU);
-  check_same_numel(op, params, "grads", grads);
-  check_same_numel(op, params, "exp_avg", exp_avg);
-  check_same_numel(op, params, "hessian", hessian);
+  check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "hessian", hessian,
+                     curvature);
   const auto windows = curvature_windows(op, params, curvature);
   const auto chunks = plan_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
