@@ -73,6 +73,11 @@ def _call(name: str, first: torch.Tensor, fused: bool | None, *args):
         return NotImplemented
 
 
+def _contiguous(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Read-only inputs as contiguous tensors (autograd may return strided gradients; copies only those)."""
+    return None if tensors is None else [t.contiguous() for t in tensors]
+
+
 @torch.no_grad()
 def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                      exp_hess_sq: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float,
@@ -80,6 +85,7 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
                      bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
                      fused: bool | None = None) -> None:
     """Fused AdaHessian update of one group; see :func:`curvkit.kernels.reference.adahessian_step_`."""
+    grads, curvature = _contiguous(grads), _contiguous(curvature)
     args = (params, grads, exp_avg, exp_hess_sq, curvature, float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay), float(hessian_power), list(bias_correction1), list(bias_correction2))
     if params and _call("adahessian_step_", params[0], fused, *args) is NotImplemented:
@@ -91,6 +97,7 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
                  hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
                  rho: float, eps: float, weight_decay: float, *, fused: bool | None = None) -> None:
     """Fused Sophia update of one group; see :func:`curvkit.kernels.reference.sophia_step_`."""
+    grads, curvature = _contiguous(grads), _contiguous(curvature)
     args = (params, grads, exp_avg, hessian, curvature, float(lr), float(beta1), float(beta2), float(rho),
             float(eps), float(weight_decay))
     if params and _call("sophia_step_", params[0], fused, *args) is NotImplemented:
@@ -123,6 +130,7 @@ def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, 
     reference._check_seed(seed, offset)
     if not acc:
         return torch.zeros(0, dtype=torch.float64)
+    hz = _contiguous(hz)
     dots = _call("accumulate_zhz_", acc[0], fused, acc, hz, _signed(seed), _signed(offset), float(alpha),
                  bool(accumulate))
     if dots is NotImplemented:

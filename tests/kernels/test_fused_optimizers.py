@@ -122,3 +122,19 @@ def test_fused_true_explains_when_the_kernels_cannot_run(monkeypatch):
     with pytest.raises(RuntimeError, match="no kernels for meta tensors"):
         kernels.use_kernels("meta", fused=True)
     AdaHessian(nn.Linear(2, 2).parameters(), fused=None)  # falls back quietly
+
+
+def test_strided_gradients_run_on_the_kernels():
+    """Autograd returns a non-contiguous Hessian-vector product for this conv stack; the kernels still take it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 10))
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    twin = copy.deepcopy(model)
+    fused = AdaHessian(model.parameters(), seed=0, fused=True)
+    foreach = AdaHessian(twin.parameters(), seed=0, fused=False)
+    for _ in range(5):
+        fused.step(lambda: F.cross_entropy(model(x), y))
+        foreach.step(lambda: F.cross_entropy(twin(x), y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
