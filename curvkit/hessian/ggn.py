@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ._model import LossFn, ParamSpec
 from .operator import ModelOperator, reraise_explained
 
@@ -67,14 +68,14 @@ def _output_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _Ou
     r"""``u -> H_out u`` with H_out = d^2 loss_fn(z, targets) / dz^2 at z = ``outputs`` (None if H_out = 0).
 
     Closed forms: softmax cross-entropy, H_out u = s (p * u - p (p . u)) per row with p = softmax(z)
-    and s = 1/B (mean) or 1 (sum); squared error, H_out u = 2 u / numel (mean) or 2 u (sum).
+    and s = 1/B (mean) or 1 (sum), by :func:`curvkit.kernels.softmax_ce_hessian_product`; squared error,
+    H_out u = 2 u / numel (mean) or 2 u (sum).
     Any other loss: double backward of ``loss_fn`` w.r.t. its (detached) outputs, graph built once.
     """
     z = outputs.detach()
     scale = _cross_entropy_scale(loss_fn, z, targets)
-    if scale is not None:
-        p = torch.softmax(z, dim=1)
-        return lambda u: scale * (p * u - p * (p * u).sum(1, keepdim=True))
+    if scale is not None:  # one fused pass per product where curvkit's kernels are built
+        return lambda u: kernels.softmax_ce_hessian_product(z, u, scale)
     scale = _mse_scale(loss_fn, z, targets)
     if scale is not None:
         return lambda u: scale * u

@@ -138,3 +138,19 @@ def test_strided_gradients_run_on_the_kernels():
         foreach.step(lambda: F.cross_entropy(twin(x), y))
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_ggn_cross_entropy_products_run_on_the_kernel(monkeypatch):
+    from curvkit.hessian import GGNOperator
+
+    def refuse(*args):
+        raise AssertionError("the reference ran instead of the kernel")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    G = GGNOperator(model, F.cross_entropy, (x, y))
+    v = torch.randn(G.shape[0])
+    expected = G @ v
+    monkeypatch.setattr(reference, "softmax_ce_hessian_product", refuse)
+    torch.testing.assert_close(GGNOperator(model, F.cross_entropy, (x, y)) @ v, expected)
