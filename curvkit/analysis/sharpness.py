@@ -24,10 +24,6 @@ from ..hessian._random import Seed, make_generator
 COLUMNS = ["step", "loss", "sharpness", "preconditioned_sharpness", "threshold", "matvecs", "seconds"]
 
 
-def _flat(H: HessianOperator, tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-
-
 def stability(optimizer: torch.optim.Optimizer | None, H: HessianOperator) -> tuple[float, torch.Tensor | None]:
     """The optimizer's stability threshold and, for adaptive optimizers, the diagonal preconditioner P.
 
@@ -55,14 +51,14 @@ def stability(optimizer: torch.optim.Optimizer | None, H: HessianOperator) -> tu
         for st in state:
             t = float(st["step"])
             P.append((1 - b1**t) * ((st[key] / (1 - b2**t)).sqrt() + group["eps"]))
-        return (2 + 2 * b1) / ((1 - b1) * lr), _flat(H, P)
+        return (2 + 2 * b1) / ((1 - b1) * lr), H.flatten(P).to(torch.float64)
     if isinstance(optimizer, torch.optim.RMSprop):
         b = group.get("momentum", 0.0)
         if not ready:
             return (2 + 2 * b) / lr, None
         P = [((st["square_avg"] - st["grad_avg"] ** 2) if group.get("centered") else st["square_avg"]).sqrt()
              + group["eps"] for st in state]
-        return (2 + 2 * b) / lr, _flat(H, P)
+        return (2 + 2 * b) / lr, H.flatten(P).to(torch.float64)
     if name == "AdaHessian":
         b1, b2 = group["betas"]
         if not ready:
@@ -70,7 +66,7 @@ def stability(optimizer: torch.optim.Optimizer | None, H: HessianOperator) -> tu
         k = group["hessian_power"]
         P = [(1 - b1 ** st["step"]) * ((st["exp_hessian_diag_sq"] / (1 - b2 ** st["curvature_updates"]))
                                         ** (k / 2) + group["eps"]) for st in state]
-        return (2 + 2 * b1) / ((1 - b1) * lr), _flat(H, P)
+        return (2 + 2 * b1) / ((1 - b1) * lr), H.flatten(P).to(torch.float64)
     return float("nan"), None
 
 
