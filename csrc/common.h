@@ -29,36 +29,45 @@ inline void check_lists(const char* op, const std::vector<std::pair<const char*,
   }
 }
 
+// Read-only inputs as contiguous tensors: autograd may hand back strided gradients, copied only then.
+inline std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.defined() ? t.contiguous() : t);
+  return out;
+}
+
 inline void check_same_numel(const char* op, at::TensorList a, const char* name, at::TensorList b) {
   for (size_t j = 0; j < a.size(); ++j)
     TORCH_CHECK(a[j].numel() == b[j].numel(), "curvkit::", op, ": ", name, "[", j, "] has ", b[j].numel(),
                 " elements, expected ", a[j].numel());
 }
 
-// Curvature entries may be fewer than parameter entries: each curvature entry then covers `window`
-// consecutive parameter entries (a conv kernel window averaged beforehand). Returns the windows.
-// The argument checks shared by the fused optimizer updates (AdaHessian, Sophia; CPU and CUDA).
-inline void check_update_lists(const char* op, c10::DeviceType device, at::TensorList params, at::TensorList grads,
-                               const char* name1, at::TensorList state1, const char* name2, at::TensorList state2,
-                               at::TensorList curvature) {
+// The argument checks shared by the fused optimizer updates (AdaHessian, Sophia; CPU and CUDA). The
+// curvature (empty on steps that do not refresh it) has one entry per parameter entry; with probes z it
+// is Hz and the estimate is z * Hz. Returns the curvature windows: the estimate is averaged over runs of
+// windows[j] consecutive entries of tensor j (all 1 when `windows` is empty).
+inline std::vector<int64_t> check_update_lists(const char* op, c10::DeviceType device, at::TensorList params,
+                                               at::TensorList grads, const char* name1, at::TensorList state1,
+                                               const char* name2, at::TensorList state2, at::TensorList curvature,
+                                               at::TensorList probes, at::IntArrayRef windows = {}) {
   std::vector<std::pair<const char*, at::TensorList>> lists = {
       {"params", params}, {"grads", grads}, {name1, state1}, {name2, state2}};
   if (!curvature.empty()) lists.push_back({"curvature", curvature});
+  if (!probes.empty()) lists.push_back({"probes", probes});
   check_lists(op, lists, device);
-  check_same_numel(op, params, "grads", grads);
-  check_same_numel(op, params, name1, state1);
-  check_same_numel(op, params, name2, state2);
-}
-
-inline std::vector<int64_t> curvature_windows(const char* op, at::TensorList params, at::TensorList curvature) {
-  std::vector<int64_t> windows(params.size(), 1);
-  for (size_t j = 0; j < curvature.size(); ++j) {
-    const int64_t n = params[j].numel(), k = curvature[j].numel();
-    TORCH_CHECK(k > 0 ? n % k == 0 : n == 0, "curvkit::", op, ": curvature[", j, "] has ", k,
-                " elements, which does not divide the ", n, " of params[", j, "]");
-    windows[j] = k > 0 ? n / k : 1;
+  TORCH_CHECK(probes.empty() || !curvature.empty(), "curvkit::", op, ": probes need a curvature (their Hz)");
+  for (size_t k = 1; k < lists.size(); ++k) check_same_numel(op, params, lists[k].first, lists[k].second);
+  TORCH_CHECK(windows.empty() || windows.size() == params.size(), "curvkit::", op, ": windows has ", windows.size(),
+              " entries, expected ", params.size());
+  std::vector<int64_t> out(params.size(), 1);
+  for (size_t j = 0; j < windows.size(); ++j) {
+    const int64_t n = params[j].numel();
+    TORCH_CHECK(windows[j] >= 1 && n % windows[j] == 0, "curvkit::", op, ": windows[", j, "] = ", windows[j],
+                " does not divide the ", n, " entries of params[", j, "]");
+    out[j] = windows[j];
   }
-  return windows;
+  return out;
 }
 
 // Flat index of the first element of every tensor: a probe draw numbers its tensors as one vector.

@@ -32,11 +32,15 @@ struct Chunk {
   int64_t tensor, begin, end;
 };
 
-std::vector<Chunk> plan_chunks(at::TensorList tensors) {
+// Chunks of at most about kChunk elements per tensor, each a whole number of `windows[j]` runs (no windows:
+// runs of 1), so a run never straddles two chunks.
+std::vector<Chunk> plan_chunks(at::TensorList tensors, const std::vector<int64_t>& windows = {}) {
   std::vector<Chunk> chunks;
   for (int64_t j = 0; j < static_cast<int64_t>(tensors.size()); ++j) {
     const int64_t n = tensors[j].numel();
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({j, b, std::min(n, b + kChunk)});
+    const int64_t window = windows.empty() ? 1 : windows[j];
+    const int64_t step = std::max<int64_t>(window, kChunk / window * window);
+    for (int64_t b = 0; b < n; b += step) chunks.push_back({j, b, std::min(n, b + step)});
   }
   return chunks;
 }
@@ -52,53 +56,65 @@ void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, const F& f)
   });
 }
 
-// Runs one optimizer's element update over [begin, end) of one tensor, in the opmath type:
-// p[i] = element(has_d, p[i], g[i], d, m[i], s[i]) with m[i], s[i] (the two state buffers) updated in
-// place and d the curvature entry of element i (one entry covers `window` consecutive elements; no
-// curvature when d is null). Runs of equal curvature are split out so every inner loop vectorises.
-// The buffers never overlap (restrict), and `element` is taken by value so that its scalars stay in
-// registers instead of being reloaded after every store.
-template <typename scalar_t, typename Element>
-void update_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
-                  scalar_t* __restrict__ s, const scalar_t* __restrict__ d, int64_t window, int64_t begin, int64_t end,
-                  const Element element) {
+// How an update loop gets the curvature d_i of element i: none, c[i], z[i] * c[i] (probes z, c = Hz), or
+// one value for the whole run (a window mean).
+enum CurvatureKind { kNone, kElementwise, kProbed, kConstant };
+
+// p[i] = element(has_d, p[i], g[i], d_i, m[i], s[i]) over [i0, i1), in the opmath type, with m[i], s[i]
+// (the two state buffers) updated in place. A function of its own so that the no-overlap (restrict)
+// promise on the buffers reaches the loop, which then vectorises; `element` is taken by value so that
+// its scalars stay in registers.
+template <int kKind, typename scalar_t, typename Element>
+void update_run(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                scalar_t* __restrict__ s, const scalar_t* __restrict__ c, const scalar_t* __restrict__ z, int64_t i0,
+                int64_t i1, at::opmath_type<scalar_t> d_const, const Element element) {
   using T = at::opmath_type<scalar_t>;
-  auto run = [=](auto has_d, auto elementwise, int64_t i0, int64_t i1, const scalar_t* __restrict__ dp) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T mi = m[i], si = s[i];
-      const T di = has_d ? static_cast<T>(dp[elementwise ? i : 0]) : T(0);
-      p[i] = element(has_d, static_cast<T>(p[i]), static_cast<T>(g[i]), di, mi, si);
-      m[i] = mi;
-      if (has_d) s[i] = si;
-    }
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (d == nullptr) {
-    run(no{}, no{}, begin, end, d);
+  for (int64_t i = i0; i < i1; ++i) {
+    T mi = m[i], si = s[i];
+    T di = d_const;
+    if constexpr (kKind == kElementwise) di = static_cast<T>(c[i]);
+    if constexpr (kKind == kProbed) di = static_cast<T>(static_cast<scalar_t>(z[i] * c[i]));
+    p[i] = element(std::bool_constant<kKind != kNone>{}, static_cast<T>(p[i]), static_cast<T>(g[i]), di, mi, si);
+    m[i] = mi;
+    if constexpr (kKind != kNone) s[i] = si;
+  }
+}
+
+// One optimizer's element update over [begin, end) of one tensor. The curvature d_i is c[i], or
+// z[i] * c[i] with probes z (c = Hz), averaged over each run of `window` consecutive elements (a conv
+// weight's kernel window; chunks hold whole windows); there is none when c is null.
+template <typename scalar_t, typename Element>
+void update_chunk(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* s, const scalar_t* c, const scalar_t* z,
+                  int64_t window, int64_t begin, int64_t end, const Element element) {
+  using T = at::opmath_type<scalar_t>;
+  if (c == nullptr) {
+    update_run<kNone>(p, g, m, s, c, z, begin, end, T(0), element);
   } else if (window == 1) {
-    run(yes{}, yes{}, begin, end, d);
+    if (z == nullptr) update_run<kElementwise>(p, g, m, s, c, z, begin, end, T(0), element);
+    else update_run<kProbed>(p, g, m, s, c, z, begin, end, T(0), element);
   } else {
-    for (int64_t i = begin; i < end;) {
-      const int64_t stop = std::min(end, (i / window + 1) * window);
-      run(yes{}, no{}, i, stop, d + i / window);
-      i = stop;
+    for (int64_t i = begin; i < end; i += window) {
+      T sum = 0;
+      for (int64_t k = i; k < i + window; ++k)
+        sum += static_cast<T>(z == nullptr ? c[k] : static_cast<scalar_t>(z[k] * c[k]));
+      update_run<kConstant>(p, g, m, s, c, z, i, i + window, sum / static_cast<T>(window), element);
     }
   }
 }
 
 // ------------------------------------------------------------------------------------ AdaHessian
-void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                         at::TensorList exp_hess_sq, at::TensorList curvature, double lr, double beta1,
-                         double beta2, double eps, double weight_decay, double hessian_power,
-                         at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2) {
+void adahessian_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg,
+                         at::TensorList exp_hess_sq, at::TensorList curvature_in, at::TensorList probes_in,
+                         at::IntArrayRef windows_arg, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, double hessian_power, at::ArrayRef<double> bias_correction1,
+                         at::ArrayRef<double> bias_correction2) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "adahessian_step_";
-  check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "exp_hess_sq", exp_hess_sq,
-                     curvature);
+  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "exp_hess_sq",
+                                          exp_hess_sq, curvature, probes, windows_arg);
   TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
               "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
-  const auto windows = curvature_windows(op, params, curvature);
-  const auto chunks = plan_chunks(params);
+  const auto chunks = plan_chunks(params, windows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
     using T = at::opmath_type<scalar_t>;
     const auto shared = adahessian_scalars<T>(lr, beta1, beta2, eps, weight_decay, hessian_power);
@@ -110,8 +126,9 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       auto chunk = [&](auto sqrt_power) {
         update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
                      exp_avg[j].mutable_data_ptr<scalar_t>(), exp_hess_sq[j].mutable_data_ptr<scalar_t>(),
-                     curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(), windows[j], c.begin,
-                     c.end, [s](auto has_d, T p, T g, T d, T& m, T& v) {
+                     curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
+                     probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
+                     [s](auto has_d, T p, T g, T d, T& m, T& v) {
                        return adahessian_element<T, decltype(sqrt_power)::value, decltype(has_d)::value>(p, g, d, m,
                                                                                                          v, s);
                      });
@@ -126,13 +143,13 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 // ------------------------------------------------------------------------------------ Sophia
-void sophia_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList hessian,
-                     at::TensorList curvature, double lr, double beta1, double beta2, double rho, double eps,
-                     double weight_decay) {
+void sophia_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
+                     at::TensorList curvature_in, at::TensorList probes_in, double lr, double beta1, double beta2,
+                     double rho, double eps, double weight_decay) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "sophia_step_";
-  check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "hessian", hessian,
-                     curvature);
-  const auto windows = curvature_windows(op, params, curvature);
+  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "hessian",
+                                          hessian, curvature, probes);
   const auto chunks = plan_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
     using T = at::opmath_type<scalar_t>;
@@ -141,7 +158,8 @@ void sophia_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const int64_t j = c.tensor;
       update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
                    exp_avg[j].mutable_data_ptr<scalar_t>(), hessian[j].mutable_data_ptr<scalar_t>(),
-                   curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
+                   curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
+                   probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
                    [s](auto has_d, T p, T g, T d, T& m, T& h) {
                      return sophia_element<T, decltype(has_d)::value>(p, g, d, m, h, s);
                    });
@@ -214,8 +232,9 @@ opmath_t zhz_run(scalar_t* acc, const scalar_t* hz, const opmath_t* z, int64_t c
   return dot;
 }
 
-at::Tensor accumulate_zhz_cpu(at::TensorList acc, at::TensorList hz, int64_t seed, int64_t offset, double alpha,
+at::Tensor accumulate_zhz_cpu(at::TensorList acc, at::TensorList hz_in, int64_t seed, int64_t offset, double alpha,
                               bool accumulate) {
+  const auto hz = contiguous(hz_in);
   constexpr const char* op = "accumulate_zhz_";
   check_lists(op, {{"acc", acc}, {"hz", hz}}, c10::DeviceType::CPU);
   check_same_numel(op, acc, "hz", hz);
@@ -293,10 +312,11 @@ at::Tensor softmax_ce_hessian_product_cpu(const at::Tensor& logits, const at::Te
 
 TORCH_LIBRARY(curvkit, m) {
   m.def("adahessian_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_hess_sq, "
-        "Tensor[] curvature, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "float hessian_power, float[] bias_correction1, float[] bias_correction2) -> ()");
+        "Tensor[] curvature, Tensor[] probes, int[] windows, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, float hessian_power, float[] bias_correction1, float[] bias_correction2) -> ()");
   m.def("sophia_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] hessian, "
-        "Tensor[] curvature, float lr, float beta1, float beta2, float rho, float eps, float weight_decay) -> ()");
+        "Tensor[] curvature, Tensor[] probes, float lr, float beta1, float beta2, float rho, float eps, "
+        "float weight_decay) -> ()");
   m.def("rademacher_(Tensor(a!)[] out, int seed, int offset) -> ()");
   m.def("rademacher(Tensor[] like, int seed, int offset) -> Tensor[]");
   m.def("accumulate_zhz_(Tensor(a!)[] acc, Tensor[] hz, int seed, int offset, float alpha=1., "

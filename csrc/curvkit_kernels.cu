@@ -29,9 +29,9 @@ constexpr int64_t kChunk = 4096;  // elements per CUDA block
 constexpr int kProbeGroup = 4;    // consecutive probes per thread, sharing one Philox call
 
 struct TensorMeta {
-  void* ptr[5];         // the op's buffers for this tensor, in argument order (null where absent)
+  void* ptr[6];         // the op's buffers for this tensor, in argument order (null where absent)
   int64_t numel;
-  int64_t window;       // curvature entries cover `window` consecutive elements
+  int64_t window;       // the curvature estimate is averaged over runs of `window` consecutive elements
   int64_t base;         // flat index of element 0 in a probe draw
   double scalar[2];     // per-tensor scalars (AdaHessian: -lr / bc1, bc2)
   int64_t first_block;  // index of the first CUDA block working on this tensor
@@ -48,7 +48,7 @@ at::Tensor upload_meta(const std::vector<at::TensorList>& lists, const std::vect
   int64_t first = 0;
   for (size_t j = 0; j < n; ++j) {
     TensorMeta& t = meta[j];
-    for (size_t k = 0; k < 5; ++k)
+    for (size_t k = 0; k < 6; ++k)
       t.ptr[k] = k < lists.size() && !lists[k].empty() ? lists[k][j].data_ptr() : nullptr;
     t.numel = lists.front()[j].numel();
     t.window = windows.empty() ? 1 : windows[j];
@@ -89,7 +89,9 @@ __device__ __forceinline__ ChunkRange my_chunk(const TensorMeta* meta, int n) {
 }
 
 // ------------------------------------------------------------------------------------ updates
-// ptr = {params, grads, exp_avg, second state (exp_hess_sq or hessian), curvature}
+// ptr = {params, grads, exp_avg, second state (exp_hess_sq or hessian), curvature, probes}. The curvature
+// estimate d_i is c[i], or z[i] * c[i] with probes z (c = Hz), averaged over the run of `window`
+// consecutive elements that holds i (each thread sums its own run: windows are a conv kernel's few taps).
 template <typename scalar_t, typename Element>
 __device__ __forceinline__ void update_chunk(const TensorMeta& t, const ChunkRange& c, const Element& element) {
   using T = at::opmath_type<scalar_t>;
@@ -97,15 +99,28 @@ __device__ __forceinline__ void update_chunk(const TensorMeta& t, const ChunkRan
   const scalar_t* g = static_cast<const scalar_t*>(t.ptr[1]);
   scalar_t* m = static_cast<scalar_t*>(t.ptr[2]);
   scalar_t* s = static_cast<scalar_t*>(t.ptr[3]);
-  const scalar_t* d = static_cast<const scalar_t*>(t.ptr[4]);
+  const scalar_t* cv = static_cast<const scalar_t*>(t.ptr[4]);
+  const scalar_t* z = static_cast<const scalar_t*>(t.ptr[5]);
   const int64_t window = t.window;
+  auto estimate = [&](int64_t k) -> T {
+    return static_cast<T>(z == nullptr ? cv[k] : static_cast<scalar_t>(z[k] * cv[k]));
+  };
 #pragma unroll 4
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
     T mi = m[i], si = s[i];
-    const T di = d == nullptr ? T(0) : static_cast<T>(d[window == 1 ? i : i / window]);
-    p[i] = element(d != nullptr, static_cast<T>(p[i]), static_cast<T>(g[i]), di, mi, si);
+    T di = T(0);
+    if (cv != nullptr) {
+      if (window == 1) {
+        di = estimate(i);
+      } else {
+        const int64_t first = i / window * window;
+        for (int64_t k = first; k < first + window; ++k) di += estimate(k);
+        di /= static_cast<T>(window);
+      }
+    }
+    p[i] = element(cv != nullptr, static_cast<T>(p[i]), static_cast<T>(g[i]), di, mi, si);
     m[i] = mi;
-    if (d != nullptr) s[i] = si;
+    if (cv != nullptr) s[i] = si;
   }
 }
 
@@ -132,21 +147,23 @@ __global__ void sophia_kernel(const TensorMeta* meta, int n, SophiaScalars<at::o
   });
 }
 
-void adahessian_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                          at::TensorList exp_hess_sq, at::TensorList curvature, double lr, double beta1,
-                          double beta2, double eps, double weight_decay, double hessian_power,
-                          at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2) {
+void adahessian_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg,
+                          at::TensorList exp_hess_sq, at::TensorList curvature_in, at::TensorList probes_in,
+                          at::IntArrayRef windows_arg, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, double hessian_power, at::ArrayRef<double> bias_correction1,
+                          at::ArrayRef<double> bias_correction2) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "adahessian_step_";
-  check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg, "exp_hess_sq", exp_hess_sq,
-                     curvature);
+  const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg,
+                                          "exp_hess_sq", exp_hess_sq, curvature, probes, windows_arg);
   TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
               "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<std::array<double, 2>> scalars(params.size());
   for (size_t j = 0; j < params.size(); ++j) scalars[j] = {-lr / bias_correction1[j], bias_correction2[j]};
   int64_t blocks = 0;
-  const at::Tensor meta = upload_meta({params, grads, exp_avg, exp_hess_sq, curvature},
-                                      curvature_windows(op, params, curvature), scalars, params[0].device(), &blocks);
+  const at::Tensor meta = upload_meta({params, grads, exp_avg, exp_hess_sq, curvature, probes}, windows, scalars,
+                                      params[0].device(), &blocks);
   if (blocks > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const auto* m = reinterpret_cast<const TensorMeta*>(meta.const_data_ptr());
@@ -164,16 +181,17 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   bump_versions(exp_hess_sq);
 }
 
-void sophia_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList hessian,
-                      at::TensorList curvature, double lr, double beta1, double beta2, double rho, double eps,
-                      double weight_decay) {
+void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
+                      at::TensorList curvature_in, at::TensorList probes_in, double lr, double beta1, double beta2,
+                      double rho, double eps, double weight_decay) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "sophia_step_";
-  check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg, "hessian", hessian,
-                     curvature);
+  const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg, "hessian",
+                                          hessian, curvature, probes);
   const c10::cuda::CUDAGuard guard(params[0].device());
   int64_t blocks = 0;
-  const at::Tensor meta = upload_meta({params, grads, exp_avg, hessian, curvature},
-                                      curvature_windows(op, params, curvature), {}, params[0].device(), &blocks);
+  const at::Tensor meta = upload_meta({params, grads, exp_avg, hessian, curvature, probes}, windows, {},
+                                      params[0].device(), &blocks);
   if (blocks > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const auto* m = reinterpret_cast<const TensorMeta*>(meta.const_data_ptr());
@@ -280,8 +298,9 @@ std::vector<at::Tensor> rademacher_cuda(at::TensorList like, int64_t seed, int64
   return out;
 }
 
-at::Tensor accumulate_zhz_cuda(at::TensorList acc, at::TensorList hz, int64_t seed, int64_t offset, double alpha,
+at::Tensor accumulate_zhz_cuda(at::TensorList acc, at::TensorList hz_in, int64_t seed, int64_t offset, double alpha,
                                bool accumulate) {
+  const auto hz = contiguous(hz_in);
   constexpr const char* op = "accumulate_zhz_";
   check_lists(op, {{"acc", acc}, {"hz", hz}}, c10::DeviceType::CUDA);
   check_same_numel(op, acc, "hz", hz);

@@ -19,6 +19,7 @@ bit-identical between the kernels and the reference on every device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -50,11 +51,17 @@ def use_kernels(device: torch.device | str, fused: bool | None = None) -> bool:
     RuntimeError with the reason where they cannot), ``False`` never."""
     if fused is False:
         return False
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if build.loaded(kind):  # the per-step fast path
+        return True
     reason = _unavailable(torch.device(device))
     if reason is not None and fused:
         raise RuntimeError(f"fused=True needs curvkit's compiled kernels, but {reason}; "
                            "use fused=None (kernels where available) or fused=False (the PyTorch path)")
     return reason is None
+
+
+_ops: dict[str, torch._ops.OpOverload] = {}
 
 
 def _call(name: str, first: torch.Tensor, fused: bool | None, *args):
@@ -66,45 +73,60 @@ def _call(name: str, first: torch.Tensor, fused: bool | None, *args):
     if not use_kernels(first.device, fused):
         return NotImplemented
     try:
-        return getattr(torch.ops.curvkit, name)(*args)
+        op = _ops.get(name)
+        if op is None:
+            op = _ops[name] = getattr(torch.ops.curvkit, name).default
+        return op(*args)
     except RuntimeError as error:
         if fused or "curvkit::" not in str(error):  # argument checks read "curvkit::<op>: ..."
             raise
         return NotImplemented
 
 
-def _contiguous(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-    """Read-only inputs as contiguous tensors (autograd may return strided gradients; copies only those)."""
-    return None if tensors is None else [t.contiguous() for t in tensors]
+def _no_grad(fn):
+    """``torch.no_grad()`` around ``fn`` when grad mode is on (the ops have no derivatives); free otherwise."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
-@torch.no_grad()
+@_no_grad
 def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                      exp_hess_sq: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float,
                      beta2: float, eps: float, weight_decay: float, hessian_power: float,
                      bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
+                     probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None,
                      fused: bool | None = None) -> None:
-    """Fused AdaHessian update of one group; see :func:`curvkit.kernels.reference.adahessian_step_`."""
-    grads, curvature = _contiguous(grads), _contiguous(curvature)
-    args = (params, grads, exp_avg, exp_hess_sq, curvature, float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay), float(hessian_power), list(bias_correction1), list(bias_correction2))
-    if params and _call("adahessian_step_", params[0], fused, *args) is NotImplemented:
-        reference.adahessian_step_(*args)
+    """Fused AdaHessian update of one group: the curvature estimate is ``curvature``, or ``probes * curvature``
+    (curvature = Hz), averaged over ``windows``; see :func:`curvkit.kernels.reference.adahessian_step_`."""
+    probes, windows = probes or [], windows or []
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
+             list(bias_correction1), list(bias_correction2))
+    if params and _call("adahessian_step_", params[0], fused, params, grads, exp_avg, exp_hess_sq, curvature,
+                        probes, list(windows), *hyper) is NotImplemented:
+        reference.adahessian_step_(params, grads, exp_avg, exp_hess_sq, curvature, *hyper, probes=probes,
+                                   windows=windows)
 
 
-@torch.no_grad()
+@_no_grad
 def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                  hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
-                 rho: float, eps: float, weight_decay: float, *, fused: bool | None = None) -> None:
-    """Fused Sophia update of one group; see :func:`curvkit.kernels.reference.sophia_step_`."""
-    grads, curvature = _contiguous(grads), _contiguous(curvature)
-    args = (params, grads, exp_avg, hessian, curvature, float(lr), float(beta1), float(beta2), float(rho),
-            float(eps), float(weight_decay))
-    if params and _call("sophia_step_", params[0], fused, *args) is NotImplemented:
-        reference.sophia_step_(*args)
+                 rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None,
+                 fused: bool | None = None) -> None:
+    """Fused Sophia update of one group (estimate ``curvature`` or ``probes * curvature``); see
+    :func:`curvkit.kernels.reference.sophia_step_`."""
+    probes = probes or []
+    hyper = (float(lr), float(beta1), float(beta2), float(rho), float(eps), float(weight_decay))
+    if params and _call("sophia_step_", params[0], fused, params, grads, exp_avg, hessian, curvature, probes,
+                        *hyper) is NotImplemented:
+        reference.sophia_step_(params, grads, exp_avg, hessian, curvature, *hyper, probes=probes)
 
 
-@torch.no_grad()
+@_no_grad
 def rademacher(like: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> list[torch.Tensor]:
     """The Rademacher probes of draw ``(seed, offset)`` as new contiguous tensors shaped like ``like``."""
     reference._check_seed(seed, offset)
@@ -114,7 +136,7 @@ def rademacher(like: list[torch.Tensor], seed: int, offset: int, *, fused: bool 
     return reference.rademacher(like, seed, offset) if out is NotImplemented else out
 
 
-@torch.no_grad()
+@_no_grad
 def rademacher_(out: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> None:
     """Fill ``out`` with the Rademacher probes of draw ``(seed, offset)``; see :mod:`curvkit.kernels.reference`."""
     reference._check_seed(seed, offset)
@@ -122,7 +144,7 @@ def rademacher_(out: list[torch.Tensor], seed: int, offset: int, *, fused: bool 
         reference.rademacher_(out, seed, offset)
 
 
-@torch.no_grad()
+@_no_grad
 def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, offset: int, alpha: float = 1.0,
                     accumulate: bool = True, *, fused: bool | None = None) -> torch.Tensor:
     """``acc += alpha * z * hz`` with the probes z of draw ``(seed, offset)`` regenerated, not read;
@@ -130,7 +152,6 @@ def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, 
     reference._check_seed(seed, offset)
     if not acc:
         return torch.zeros(0, dtype=torch.float64)
-    hz = _contiguous(hz)
     dots = _call("accumulate_zhz_", acc[0], fused, acc, hz, _signed(seed), _signed(offset), float(alpha),
                  bool(accumulate))
     if dots is NotImplemented:
@@ -138,7 +159,7 @@ def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, 
     return dots
 
 
-@torch.no_grad()
+@_no_grad
 def softmax_ce_hessian_product(logits: torch.Tensor, u: torch.Tensor, scale: float, *,
                                fused: bool | None = None) -> torch.Tensor:
     """``scale * (diag(p) - p p^T) u`` per row of 2-D ``logits``, p = softmax(logits, 1), in one pass."""

@@ -43,7 +43,8 @@ def build_dir(kind: str) -> Path:
 
 def disabled() -> bool:
     """True when ``CURVKIT_KERNELS=0`` (or ``off``/``false``) turns the compiled kernels off."""
-    return os.environ.get("CURVKIT_KERNELS", "1").strip().lower() in ("0", "off", "false", "no")
+    value = os.environ.get("CURVKIT_KERNELS")
+    return value is not None and value.strip().lower() in ("0", "off", "false", "no")
 
 
 def _compile(kind: str, verbose: bool) -> None:
@@ -63,6 +64,11 @@ def _compile(kind: str, verbose: bool) -> None:
         extra_include_paths=[str(SOURCE_DIR)], build_directory=str(directory), verbose=verbose,
         with_cuda=kind == "cuda", is_python_module=False,
     )
+
+
+def loaded(kind: str) -> bool:
+    """True when library ``kind`` is loaded and not turned off: the cheap check made before every op."""
+    return _loaded.get(kind, False) and not disabled()
 
 
 def load(kind: str, verbose: bool = False) -> bool:

@@ -99,29 +99,32 @@ def accumulate_zhz_(acc: Sequence[torch.Tensor], hz: Sequence[torch.Tensor], see
     return dots
 
 
-def _expand(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Curvature of ``p``: elementwise, or one entry per run of numel(p) / numel(d) parameter entries."""
-    if d.numel() == p.numel():
-        return d.view_as(p)
-    window = p.numel() // d.numel()
-    return d.reshape(-1, 1).expand(-1, window).reshape(p.shape)
+def estimate(curvature: Sequence[torch.Tensor], probes: Sequence[torch.Tensor] | None = None,
+             windows: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The curvature estimate the updates use: ``curvature`` itself, or ``probes * curvature`` (curvature = Hz),
+    averaged over runs of ``windows[j]`` consecutive entries of tensor j (a conv weight's kernel window)."""
+    d = [z * c for z, c in zip(probes, curvature)] if probes else list(curvature)
+    if windows:
+        d = [x if w == 1 else x.reshape(-1, w).mean(1, keepdim=True).expand(-1, w).reshape(x.shape)
+             for x, w in zip(d, windows)]
+    return d
 
 
 def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                      exp_hess_sq: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float,
                      beta2: float, eps: float, weight_decay: float, hessian_power: float,
-                     bias_correction1: Sequence[float], bias_correction2: Sequence[float]) -> None:
+                     bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
+                     probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None) -> None:
     r"""One AdaHessian update of a parameter group (``curvature`` empty on steps that do not refresh it).
 
     .. math:: m \leftarrow \mathrm{lerp}(m, g, 1 - b_1), \quad v \leftarrow b_2 v + (1 - b_2) D^2, \quad
               \theta \leftarrow \theta (1 - lr\,wd) - \frac{lr}{bc_1} \frac{m}{(v / bc_2)^{k/2} + eps}
 
-    A curvature tensor with fewer entries than its parameter covers runs of numel(p) / numel(D)
-    consecutive entries (a conv weight's kernel window after spatial averaging).
+    with D = :func:`estimate` ``(curvature, probes, windows)``.
     """
     torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
     if curvature:
-        d = [_expand(c, p) for c, p in zip(curvature, params)]
+        d = estimate(curvature, probes, windows)
         torch._foreach_mul_(exp_hess_sq, beta2)
         torch._foreach_addcmul_(exp_hess_sq, d, d, value=1 - beta2)
     denom = torch._foreach_div(exp_hess_sq, list(bias_correction2))
@@ -137,16 +140,18 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
 
 def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                  hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
-                 rho: float, eps: float, weight_decay: float) -> None:
+                 rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None) -> None:
     r"""One Sophia update of a parameter group (``curvature`` empty on steps that do not refresh it).
 
     .. math:: m \leftarrow \mathrm{lerp}(m, g, 1 - b_1), \quad h \leftarrow b_2 h + (1 - b_2) \hat h, \quad
               \theta \leftarrow \theta (1 - lr\,wd) - lr\,\mathrm{clip}(m / \max(\rho h, eps), 1)
+
+    with \hat h = :func:`estimate` ``(curvature, probes)``.
     """
     torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
     if curvature:
         torch._foreach_mul_(hessian, beta2)
-        torch._foreach_add_(hessian, [_expand(c, p) for c, p in zip(curvature, params)], alpha=1 - beta2)
+        torch._foreach_add_(hessian, estimate(curvature, probes), alpha=1 - beta2)
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     denom = torch._foreach_mul(hessian, rho)

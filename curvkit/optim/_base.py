@@ -15,13 +15,15 @@ from the optimizer's torch.Generator.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import kernels
 from ..hessian._random import make_generator
@@ -50,11 +52,72 @@ def validate_common(lr, betas, weight_decay, update_each, n_samples, estimator, 
            f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
 
 
+def _with_step_hooks(step):
+    """What ``torch.optim.Optimizer`` wraps around ``step``: the step pre- and post-hooks (global and
+    per optimizer) and a profiler range, which is only opened while a profiler runs. (Optimizer's own
+    wrapper opens it on every step: tens of microseconds, a few percent of a small model's Hessian
+    step.) Marked ``hooked`` so that Optimizer does not wrap the step a second time."""
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return _hooked(self, step, args, kwargs)
+        return _hooked(self, step, args, kwargs)
+
+    wrapper.hooked = True
+    return wrapper
+
+
+def _hooked(optimizer, step, args, kwargs):
+    for hook in (*_global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()):
+        result = hook(optimizer, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result!r}")
+            args, kwargs = result
+    out = step(optimizer, *args, **kwargs)
+    optimizer._optimizer_step_code()
+    for hook in (*optimizer._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+        hook(optimizer, args, kwargs)
+    return out
+
+
+class Curvature(NamedTuple):
+    """A step's diagonal curvature estimate per parameter: ``values`` itself, or ``probes * values`` when
+    probes are given (then ``values`` holds H z). The fused updates form the product themselves."""
+
+    values: list[torch.Tensor]
+    probes: list[torch.Tensor] | None = None
+
+    def select(self, index: list[int]) -> Curvature:
+        pick = lambda tensors: None if tensors is None else [tensors[i] for i in index]  # noqa: E731
+        return Curvature(pick(self.values), pick(self.probes))
+
+    def embed(self, index: list[int], params: list[torch.Tensor]) -> Curvature:
+        """This estimate of ``params[i] for i in index``, with zeros for the other parameters."""
+        values = [torch.zeros_like(p) for p in params]
+        probes = None if self.probes is None else [torch.ones_like(p) for p in params]
+        for k, i in enumerate(index):
+            values[i] = self.values[k]
+            if probes is not None:
+                probes[i] = self.probes[k]
+        return Curvature(values, probes)
+
+
+def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters that received a gradient, and their gradients."""
+    if all(g is not None for g in grads):
+        return params, list(grads)
+    kept = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return [p for p, _ in kept], [g for _, g in kept]
+
+
 class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     """Base class: one gradient and, every ``update_each`` steps, a diagonal curvature estimate.
 
-    Subclasses implement ``_update(group, params, grads, curvature)`` with ``curvature`` a list of
-    diagonal estimates (or None on steps that do not refresh it). ``fused``: None runs the compiled
+    Subclasses implement ``_update(group, params, grads, curvature)`` with ``curvature`` a
+    :class:`Curvature` (or None on steps that do not refresh it). ``fused``: None runs the compiled
     kernels of :mod:`curvkit.kernels` where they are built, True requires them (RuntimeError here if
     they cannot run), False runs the PyTorch (foreach) path.
     """
@@ -96,30 +159,36 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     def _refresh_now(self) -> bool:
         return self._steps % self.update_each == 0
 
+    @_with_step_hooks
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One step. ``closure`` returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``)
         and must not call backward; without a closure, ``.grad`` must come from
         ``loss.backward(create_graph=True)`` on curvature steps."""
         refresh = self._refresh_now()
-        params = [p for group in self.param_groups for p in group["params"]]
+        groups = self.param_groups
+        params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
         if closure is not None:
             loss, live, curvature = self._from_closure(closure, params, refresh)
         else:
             loss, (live, curvature) = None, self._from_backward(params, refresh)
         grads = [p.grad for p in live]
         if self.distributed:
-            self._all_reduce(grads + (curvature or []))
+            self._all_reduce(grads + (curvature.values if curvature else []))
         self._steps += 1
+        if len(groups) == 1 and len(live) == len(params):  # the common case: nothing to regroup
+            self._update(groups[0], live, grads, curvature)
+            return loss
         index = {id(p): i for i, p in enumerate(live)}
-        for group in self.param_groups:
+        for group in groups:
             mine = [index[id(p)] for p in group["params"] if id(p) in index]
             if mine:
                 self._update(group, [live[i] for i in mine], [grads[i] for i in mine],
-                             None if curvature is None else [curvature[i] for i in mine])
+                             curvature and curvature.select(mine))
         return loss
 
     def _from_closure(self, closure, params, refresh):
+        gnb = refresh and self.estimator == "gnb"
         with torch.enable_grad():
             out = closure()
             loss, logits = out if isinstance(out, tuple) else (out, None)
@@ -127,18 +196,15 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                 raise ValueError("the closure must return the loss as a scalar tensor that requires grad "
                                  "(and must not call backward itself)")
             trainable = [p for p in params if p.requires_grad]
-            gnb = refresh and self.estimator == "gnb"
             grads = torch.autograd.grad(loss, trainable, create_graph=refresh and not gnb,
-                                        retain_graph=True if gnb else None,
-                                        allow_unused=True)
-            live = [p for p, g in zip(trainable, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-            curvature = None
-            if refresh:
-                curvature = (self._gauss_newton_bartlett(logits, live) if gnb
-                             else self._curvature(grads, live))
+                                        retain_graph=True if gnb else None, allow_unused=True)
+        live, grads = _drop_unused(trainable, grads)
+        curvature = None
+        if refresh:
+            curvature = (Curvature(self._gauss_newton_bartlett(logits, live)) if gnb
+                         else self._curvature(grads, live))
         for p, g in zip(live, grads):
-            p.grad = g.detach()
+            p.grad = g.detach() if g.requires_grad else g
         return loss.detach(), live, curvature
 
     def _from_backward(self, params, refresh):
@@ -154,61 +220,49 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                     "loss.backward(create_graph=True) before step(), or pass a closure "
                     "opt.step(lambda: loss_fn(model(x), y)) that returns the loss without calling backward"
                 )
-            with torch.enable_grad():
-                curvature = self._curvature([p.grad for p in live], live)
+            curvature = self._curvature([p.grad for p in live], live)
         for p in live:
             p.grad = p.grad.detach()
         return live, curvature
 
-    def _curvature(self, grads, params) -> list[torch.Tensor]:
-        """Diagonal estimate from gradients that carry a graph (zeros where a gradient has none)."""
-        carrying = [i for i, g in enumerate(grads) if g.requires_grad]
-        sub_grads = [grads[i] for i in carrying]
-        sub_params = [params[i] for i in carrying]
-        if not carrying:
-            return [torch.zeros_like(p) for p in params]
-        if callable(self.estimator):
-            estimates = [d.detach() for d in self.estimator(sub_params, sub_grads, self._generator)]
+    def _curvature(self, grads, params) -> Curvature:
+        """Diagonal estimate from gradients that carry a graph (zero where a gradient has none)."""
+        if all(g.requires_grad for g in grads):
+            carrying, sub_grads, sub_params = None, grads, params
         else:
-            estimates = self._hutchinson(sub_grads, sub_params)
-        if len(carrying) == len(params):
-            return estimates
-        out = [torch.zeros_like(p) for p in params]
-        for i, d in zip(carrying, estimates):
-            out[i] = d
-        return out
+            carrying = [i for i, g in enumerate(grads) if g.requires_grad]
+            sub_grads, sub_params = [grads[i] for i in carrying], [params[i] for i in carrying]
+            if not carrying:
+                return Curvature([torch.zeros_like(p) for p in params])
+        if callable(self.estimator):
+            with torch.enable_grad():
+                found = Curvature([d.detach() for d in self.estimator(sub_params, sub_grads, self._generator)])
+        else:
+            found = self._hutchinson(sub_grads, sub_params)
+        return found if carrying is None else found.embed(carrying, params)
 
-    def _hutchinson(self, grads, params) -> list[torch.Tensor]:
-        r"""Mean over ``n_samples`` Philox probes of z * (H z): E[D] = diag(H), E[D_i^2] = ||H_{i,:}||^2.
+    def _hutchinson(self, grads, params) -> Curvature:
+        r"""Hutchinson diagonal: the mean over ``n_samples`` Philox probes of z * (H z), with
+        E[D] = diag(H) and E[D_i^2] = ||H_{i,:}||^2.
 
         H z comes from the gradients' graph (released after the last probe); parameters that the
-        gradients do not depend on get zeros. With the kernels, z * Hz is formed without reading z
-        (it is regenerated from (seed, offset)) into the buffer z occupied.
+        gradients do not depend on get zeros. With one probe the product z * Hz is left to the fused
+        update (``Curvature(hz, probes=z)``); with more, it is averaged here.
         """
-        on_kernels = kernels.use_kernels(params[0].device, self.fused)
-        alpha = 1.0 / self.n_samples
         total = None
         for i in range(self.n_samples):
-            offset = self._probe_offset
+            zs = kernels.rademacher(params, self._probe_seed, self._probe_offset, fused=self.fused)
             self._probe_offset += 1
-            zs = kernels.rademacher(params, self._probe_seed, offset, fused=self.fused)
             hz = torch.autograd.grad(grads, params, zs, retain_graph=i < self.n_samples - 1, allow_unused=True)
-            live = [j for j, h in enumerate(hz) if h is not None]
-            for j in set(range(len(params))) - set(live):
-                zs[j].zero_()
-            out, acc_hz = (zs if total is None else total), [hz[j] for j in live]
-            if on_kernels:
-                kernels.accumulate_zhz_([out[j] for j in live], acc_hz, self._probe_seed, offset, alpha,
-                                        accumulate=total is not None, fused=self.fused)
+            hz = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hz)]
+            if self.n_samples == 1:
+                return Curvature(hz, probes=zs)
+            if total is None:
+                total = torch._foreach_mul(zs, hz)
             else:
-                d = [zs[j] for j in live]
-                torch._foreach_mul_(d, acc_hz)
-                if total is not None:
-                    torch._foreach_add_([total[j] for j in live], d, alpha=alpha)
-                elif alpha != 1:
-                    torch._foreach_mul_(d, alpha)
-            total = out
-        return total
+                torch._foreach_addcmul_(total, zs, hz)
+        torch._foreach_mul_(total, 1.0 / self.n_samples)
+        return Curvature(total)
 
     def _gauss_newton_bartlett(self, logits, params) -> list[torch.Tensor]:
         r"""GNB: labels sampled from softmax(logits); D = B * ghat * ghat (Liu et al. 2023)."""
@@ -217,7 +271,8 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         logits = logits.reshape(-1, logits.shape[-1])
         probs = torch.softmax(logits.detach().float(), -1).cpu()
         sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1).to(logits.device)
-        grads = torch.autograd.grad(F.cross_entropy(logits, sampled), params, allow_unused=True)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(F.cross_entropy(logits, sampled), params, allow_unused=True)
         batch = logits.shape[0]
         return [torch.zeros_like(p) if g is None else g.square().mul_(batch) for p, g in zip(params, grads)]
 
@@ -231,17 +286,22 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def _advance(self, params: list, buffers: tuple[str, ...], counters: tuple[str, ...] = ()) -> list[dict]:
-        """Per-parameter state, created with zero ``buffers`` and ``counters`` on first use; counts the step."""
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
+    def _advance(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):
+        """Counts a step in every parameter's state (created on first use: zero buffers ``first`` and
+        ``second``, zero ``counters``); returns the states and the two buffer lists."""
+        states, firsts, seconds = [], [], []
+        for p in params:
+            st = self.state[p]
             if not st:
-                st["step"] = 0
-                st.update(dict.fromkeys(counters, 0))
-                st.update({b: torch.zeros_like(p, memory_format=torch.preserve_format) for b in buffers})
+                st.update(step=0, **dict.fromkeys(counters, 0))
+                st[first] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st[second] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["step"] += 1
-        return states
+            states.append(st)
+            firsts.append(st[first])
+            seconds.append(st[second])
+        return states, firsts, seconds
 
     @abstractmethod
-    def _update(self, group: dict, params: list, grads: list, curvature: list | None) -> None:
+    def _update(self, group: dict, params: list, grads: list, curvature: Curvature | None) -> None:
         """Apply the update rule to ``params`` of one group (``curvature`` None on non-refresh steps)."""

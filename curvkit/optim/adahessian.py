@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
-
-import torch
 
 from .. import kernels
 from ._base import CurvatureOptimizer, Estimator, validate_common
-
-
-def _window_mean(d: torch.Tensor) -> torch.Tensor:
-    """Mean of a diagonal estimate over the kernel window of a conv weight (dims 2.., kept as size 1)."""
-    return d if d.dim() < 3 else d.mean(dim=tuple(range(2, d.dim())), keepdim=True)
-
-
-def spatial_average(d: torch.Tensor) -> torch.Tensor:
-    """Average a diagonal estimate over the kernel window of a conv weight (dims 2.., any rank)."""
-    return d if d.dim() < 3 else _window_mean(d).expand_as(d)
 
 
 class AdaHessian(CurvatureOptimizer):
@@ -53,17 +42,20 @@ class AdaHessian(CurvatureOptimizer):
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
-        states = self._advance(params, ("exp_avg", "exp_hessian_diag_sq"), ("curvature_updates",))
-        if curvature is not None:
-            if group["spatial_average"]:
-                curvature = [_window_mean(d) for d in curvature]  # the update spreads it over the window
-            for st in states:
+        states, exp_avg, exp_sq = self._advance(params, "exp_avg", "exp_hessian_diag_sq", ("curvature_updates",))
+        bias1, bias2 = [], []
+        for st in states:
+            if curvature is not None:
                 st["curvature_updates"] += 1
-        if any(st["curvature_updates"] == 0 for st in states):
-            raise RuntimeError("a parameter received a gradient before any curvature estimate; "
-                               "this happens when a parameter joins after the first step with update_each > 1")
+            elif st["curvature_updates"] == 0:
+                raise RuntimeError("a parameter received a gradient before any curvature estimate; this happens "
+                                   "when a parameter joins after the first step with update_each > 1")
+            bias1.append(1 - beta1 ** st["step"])
+            bias2.append(1 - beta2 ** st["curvature_updates"])
+        windows = None
+        if curvature is not None and group["spatial_average"]:  # the update averages D over conv kernel windows
+            windows = [math.prod(p.shape[2:]) if p.dim() >= 3 else 1 for p in params]
         kernels.adahessian_step_(
-            params, grads, [st["exp_avg"] for st in states], [st["exp_hessian_diag_sq"] for st in states],
-            curvature or [], group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["hessian_power"],
-            [1 - beta1 ** st["step"] for st in states], [1 - beta2 ** st["curvature_updates"] for st in states],
-            fused=self.fused)
+            params, grads, exp_avg, exp_sq, curvature.values if curvature else [], group["lr"], beta1, beta2,
+            group["eps"], group["weight_decay"], group["hessian_power"], bias1, bias2,
+            probes=curvature.probes if curvature else None, windows=windows, fused=self.fused)

@@ -38,7 +38,7 @@ class Sophia(CurvatureOptimizer):
 
     def _update(self, group, params, grads, curvature):
         beta1, beta2 = group["betas"]
-        states = self._advance(params, ("exp_avg", "hessian"))
-        kernels.sophia_step_(params, grads, [st["exp_avg"] for st in states], [st["hessian"] for st in states],
-                             curvature or [], group["lr"], beta1, beta2, group["rho"], group["eps"],
-                             group["weight_decay"], fused=self.fused)
+        _, exp_avg, hessian = self._advance(params, "exp_avg", "hessian")
+        kernels.sophia_step_(params, grads, exp_avg, hessian, curvature.values if curvature else [], group["lr"],
+                             beta1, beta2, group["rho"], group["eps"], group["weight_decay"],
+                             probes=curvature.probes if curvature else None, fused=self.fused)

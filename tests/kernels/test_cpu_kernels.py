@@ -77,39 +77,72 @@ def test_accumulate_zhz_in_place_over_hz(dtype):
         assert torch.equal(a, b)  # z * hz with z = +-1 is exact
 
 
-def _adahessian_state(dtype, with_curvature, windowed):
+WINDOWS = [9, 1, 1, 1, 1]   # the conv weight's 3x3 kernel window
+
+
+def _adahessian_state(dtype, curvature_kind):
     params, grads, exp_avg = _tensors(dtype, 4), _tensors(dtype, 5), _tensors(dtype, 6)
     exp_sq = _tensors(dtype, 7, positive=True)
-    curvature = _tensors(dtype, 8) if with_curvature else []
-    if with_curvature and windowed:
-        curvature[0] = curvature[0].mean((2, 3), keepdim=True)  # a conv weight's window mean, spread by the op
+    curvature = [] if curvature_kind == "none" else _tensors(dtype, 8)
     return params, grads, exp_avg, exp_sq, curvature
 
 
+def _curvature_options(dtype, curvature_kind):
+    """``probes``/``windows`` for a kind: elementwise D, probed (D = z * Hz), windowed, or both."""
+    like = [torch.empty(s, dtype=dtype) for s in SHAPES]
+    probes = reference.rademacher(like, 3, 1) if "probed" in curvature_kind else None
+    windows = WINDOWS if "windowed" in curvature_kind else None
+    return dict(probes=probes, windows=windows)
+
+
+KINDS = ["elementwise", "probed", "windowed", "probed+windowed", "none"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_curvature, windowed", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("curvature_kind", KINDS)
 @pytest.mark.parametrize("hessian_power, weight_decay, beta1", [(1.0, 0.0, 0.9), (0.5, 0.01, 0.9), (0.7, 0.1, 0.3)])
-def test_adahessian_step_matches_the_reference(dtype, with_curvature, windowed, hessian_power, weight_decay, beta1):
-    ours, ref = _twins(*_adahessian_state(dtype, with_curvature, windowed))
+def test_adahessian_step_matches_the_reference(dtype, curvature_kind, hessian_power, weight_decay, beta1):
+    ours, ref = _twins(*_adahessian_state(dtype, curvature_kind))
+    options = _curvature_options(dtype, curvature_kind) if curvature_kind != "none" else {}
     bc1 = [1 - beta1 ** (j + 1) for j in range(len(SHAPES))]        # per-tensor bias corrections
     bc2 = [1 - 0.999 ** (j + 2) for j in range(len(SHAPES))]
     args = (0.15, beta1, 0.999, 1e-4, weight_decay, hessian_power, bc1, bc2)
-    kernels.adahessian_step_(*ours, *args, fused=True)
-    reference.adahessian_step_(*ref, *args)
+    kernels.adahessian_step_(*ours, *args, **options, fused=True)
+    reference.adahessian_step_(*ref, *args, **options)
     for mine, theirs in zip(ours[:4], ref[:4]):
         assert_rel(mine, theirs, 1e-6)
 
 
+def test_windows_average_the_estimate_over_each_kernel_window():
+    p, g, m = torch.zeros(2, 1, 3), torch.zeros(2, 1, 3), torch.zeros(2, 1, 3)
+    v = torch.zeros(2, 1, 3)
+    hz = torch.tensor([[[1.0, 2.0, 6.0]], [[-3.0, 0.0, 0.0]]])
+    z = reference.rademacher([p], 5, 0)[0]
+    kernels.adahessian_step_([p], [g], [m], [v], [hz], 0.1, 0.9, 0.5, 1e-4, 0.0, 1.0, [0.1], [0.5],
+                             probes=[z], windows=[3], fused=True)
+    d = (z * hz).mean(2, keepdim=True).expand(2, 1, 3)
+    torch.testing.assert_close(v, 0.5 * d * d)
+
+
+@pytest.mark.parametrize("windows, match", [([4, 1, 1, 1, 1], "does not divide"), ([9], "entries, expected")])
+def test_bad_windows_are_refused(windows, match):
+    ours, _ = _twins(*_adahessian_state(torch.float32, "elementwise"))
+    with pytest.raises(RuntimeError, match=match):
+        kernels.adahessian_step_(*ours, 0.1, 0.9, 0.999, 1e-4, 0.0, 1.0, [0.1] * 5, [0.1] * 5, windows=windows,
+                                 fused=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_curvature", [True, False])
+@pytest.mark.parametrize("curvature_kind", ["elementwise", "probed", "none"])
 @pytest.mark.parametrize("weight_decay, beta1", [(0.0, 0.965), (0.1, 0.2)])
-def test_sophia_step_matches_the_reference(dtype, with_curvature, weight_decay, beta1):
+def test_sophia_step_matches_the_reference(dtype, curvature_kind, weight_decay, beta1):
     params, grads, exp_avg, hessian = _tensors(dtype, 9), _tensors(dtype, 10), _tensors(dtype, 11), _tensors(dtype, 12)
-    curvature = _tensors(dtype, 13) if with_curvature else []
+    curvature = [] if curvature_kind == "none" else _tensors(dtype, 13)
+    probes = _curvature_options(dtype, curvature_kind)["probes"]
     ours, ref = _twins(params, grads, exp_avg, hessian, curvature)
     args = (0.01, beta1, 0.99, 0.04, 1e-12, weight_decay)
-    kernels.sophia_step_(*ours, *args, fused=True)
-    reference.sophia_step_(*ref, *args)
+    kernels.sophia_step_(*ours, *args, probes=probes, fused=True)
+    reference.sophia_step_(*ref, *args, probes=probes)
     for mine, theirs in zip(ours[:4], ref[:4]):
         assert_rel(mine, theirs, 1e-6)
 
@@ -132,11 +165,12 @@ def test_softmax_ce_hessian_product_matches_the_reference(dtype, rows, classes):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_computes_in_float(dtype):
-    ours = _adahessian_state(dtype, True, True)
+    ours = _adahessian_state(dtype, "probed+windowed")
     ref = [[t.float() for t in ts] for ts in ours]
     args = (0.15, 0.9, 0.999, 1e-4, 0.01, 1.0, [0.1] * len(SHAPES), [0.01] * len(SHAPES))
-    kernels.adahessian_step_(*ours, *args, fused=True)
-    reference.adahessian_step_(*ref, *args)
+    options = _curvature_options(dtype, "probed+windowed")
+    kernels.adahessian_step_(*ours, *args, **options, fused=True)
+    reference.adahessian_step_(*ref, *args, probes=[z.float() for z in options["probes"]], windows=WINDOWS)
     for mine, theirs in zip(ours[:4], ref[:4]):
         assert_rel([t.float() for t in mine], theirs, 1e-2)
 
@@ -153,7 +187,7 @@ def test_threads_split_large_groups_without_changing_results():
             torch.set_num_threads(n)
             tensors = [[t.clone() for t in ts] for ts in state]
             kernels.adahessian_step_(*tensors, curvature, 0.1, 0.9, 0.999, 1e-4, 0.0, 1.0, [0.1] * 3, [0.01] * 3,
-                                     fused=True)
+                                     windows=[1, 7, 5], fused=True)
             z = [torch.empty(s, dtype=torch.float32) for s in shapes]
             kernels.rademacher_(z, 1, 2, fused=True)
             dots = kernels.accumulate_zhz_(z, curvature, 1, 2, fused=True)
@@ -188,7 +222,9 @@ def test_refused_arguments_fall_back_or_explain():
     with pytest.raises(RuntimeError, match="must be a contiguous"):
         kernels.adahessian_step_([p], *args(), fused=True)
     with pytest.raises(RuntimeError, match="exp_avg has 2 tensors, expected 1"):
-        torch.ops.curvkit.sophia_step_([g], [g], [m, m], [v], [], 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
-    with pytest.raises(RuntimeError, match="does not divide"):
-        torch.ops.curvkit.adahessian_step_([g], [g], [m], [v], [torch.ones(5)], 0.1, 0.9, 0.999, 1e-4, 0.0, 1.0,
-                                           [0.1], [0.01])
+        torch.ops.curvkit.sophia_step_([g], [g], [m, m], [v], [], [], 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
+    with pytest.raises(RuntimeError, match="curvature\\[0\\] has 5 elements, expected 12"):
+        torch.ops.curvkit.adahessian_step_([g], [g], [m], [v], [torch.ones(5)], [], [], 0.1, 0.9, 0.999, 1e-4, 0.0,
+                                           1.0, [0.1], [0.01])
+    with pytest.raises(RuntimeError, match="probes need a curvature"):
+        torch.ops.curvkit.sophia_step_([g], [g], [m], [v], [], [g], 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)

@@ -71,7 +71,7 @@ def test_sophia_fused_and_foreach_paths_agree_after_20_steps(dtype, estimator):
 def test_fused_none_runs_the_kernels_and_false_the_reference(monkeypatch):
     calls = []
     real = reference.adahessian_step_
-    monkeypatch.setattr(reference, "adahessian_step_", lambda *a: (calls.append(1), real(*a)))
+    monkeypatch.setattr(reference, "adahessian_step_", lambda *a, **k: (calls.append(1), real(*a, **k)))
     model, x, y = _conv_model(torch.float32)
     for fused, expected in [(None, []), (True, []), (False, [1])]:
         calls.clear()

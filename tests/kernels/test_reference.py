@@ -79,15 +79,17 @@ def test_accumulate_zhz_by_hand():
     torch.testing.assert_close(torch.cat([a.flatten() for a in same]), zhz)
 
 
-def test_adahessian_step_by_hand_with_a_windowed_curvature():
+def test_adahessian_step_by_hand_with_probes_and_windows():
     p, g = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.5, -1.0], [2.0, 0.0]])
     m, v = torch.zeros(2, 2), torch.ones(2, 2)
-    d = torch.tensor([2.0, -3.0])                       # one entry per row of p
+    hz, z = torch.tensor([[1.0, -3.0], [-4.0, -2.0]]), torch.tensor([[1.0, -1.0], [1.0, 1.0]])
+    # D = z * hz = [[1, 3], [-4, -2]], averaged over windows of 2: [[2, 2], [-3, -3]]
     lr, b1, b2, eps, wd, k, bc1, bc2 = 0.1, 0.9, 0.99, 1e-3, 0.01, 0.5, 0.19, 0.0199
     expected_m = 0.1 * g
     expected_v = 0.99 + 0.01 * torch.tensor([[4.0, 4.0], [9.0, 9.0]])
     expected_p = p * (1 - lr * wd) - lr / bc1 * expected_m / ((expected_v / bc2) ** (k / 2) + eps)
-    reference.adahessian_step_([p], [g], [m], [v], [d], lr, b1, b2, eps, wd, k, [bc1], [bc2])
+    reference.adahessian_step_([p], [g], [m], [v], [hz], lr, b1, b2, eps, wd, k, [bc1], [bc2], probes=[z],
+                               windows=[2])
     torch.testing.assert_close(m, expected_m)
     torch.testing.assert_close(v, expected_v)
     torch.testing.assert_close(p, expected_p)

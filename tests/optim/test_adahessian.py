@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from curvkit.optim import AdaHessian
-from curvkit.optim.adahessian import spatial_average
 
 
 def _quadratic(a, b):
@@ -111,11 +111,17 @@ def test_conv_models_of_every_rank_train(conv, shape):
     torch.testing.assert_close(flat, flat[..., :1].expand_as(flat))  # averaged over the kernel window
 
 
-def test_spatial_average_keeps_sign_and_leaves_vectors_alone():
-    d = torch.tensor([[[1.0, -3.0, 5.0]]])
-    torch.testing.assert_close(spatial_average(d), torch.ones(1, 1, 3))
-    vec = torch.tensor([1.0, -2.0])
-    assert spatial_average(vec) is vec
+@pytest.mark.parametrize("fused", [None, False])   # the kernels where built, and the PyTorch path
+def test_spatial_average_keeps_the_sign_and_leaves_vectors_alone(fused):
+    weight = torch.zeros(1, 1, 3, requires_grad=True)       # a Conv1d weight: one window of 3 taps
+    bias = torch.zeros(3, requires_grad=True)
+    diag = torch.tensor([1.0, -3.0, 5.0])
+    opt = AdaHessian([weight, bias], betas=(0.9, 0.5), seed=0, fused=fused,
+                     estimator=lambda params, grads, gen: [diag.view(1, 1, 3), diag])   # exact diagonals
+    opt.step(lambda: (weight**2).sum() + (bias**2).sum())
+    # signed mean over the window is (1 - 3 + 5) / 3 = 1, so v = (1 - b2) * 1^2; |D| averaged would give 9
+    torch.testing.assert_close(opt.state[weight]["exp_hessian_diag_sq"], torch.full((1, 1, 3), 0.5))
+    torch.testing.assert_close(opt.state[bias]["exp_hessian_diag_sq"], 0.5 * diag**2)
 
 
 def _model_and_data(seed=0):
@@ -265,3 +271,23 @@ def test_bad_closure_results_raise():
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
     with pytest.raises(ValueError, match="scalar"):
         opt.step(lambda: F.cross_entropy(model(x), y).item())
+
+
+def test_step_hooks_run_once_and_the_profiler_sees_the_step():
+    model, x, y = _model_and_data()
+    opt = AdaHessian(model.parameters(), lr=0.1, seed=0)
+    calls = []
+    other = lambda: F.cross_entropy(model(x[:8]), y[:8])  # noqa: E731
+    opt.register_step_pre_hook(lambda o, args, kwargs: (calls.append("pre"), ((other,), kwargs))[1])
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args[0] is other)))
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global"))
+    expected = other().detach()
+    try:
+        loss = opt.step(lambda: F.cross_entropy(model(x), y))
+    finally:
+        handle.remove()
+    assert calls == ["global", "pre", ("post", True)]          # once each: Optimizer did not wrap step again
+    assert torch.equal(loss, expected)                        # the step ran the pre hook's closure
+    with torch.profiler.profile() as prof:
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    assert any(e.name == "Optimizer.step#AdaHessian.step" for e in prof.events())
