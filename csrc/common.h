@@ -70,6 +70,14 @@ inline std::vector<int64_t> check_update_lists(const char* op, c10::DeviceType d
   return out;
 }
 
+// Buffers for the next probe draw, which an update writes after its own work: one per parameter.
+inline void check_next_probes(const char* op, c10::DeviceType device, at::TensorList params,
+                              at::TensorList next_probes) {
+  if (next_probes.empty()) return;
+  check_lists(op, {{"params", params}, {"next_probes", next_probes}}, device);
+  check_same_numel(op, params, "next_probes", next_probes);
+}
+
 // Flat index of the first element of every tensor: a probe draw numbers its tensors as one vector.
 inline std::vector<int64_t> flat_bases(at::TensorList tensors) {
   std::vector<int64_t> bases(tensors.size());

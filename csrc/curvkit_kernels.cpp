@@ -102,74 +102,6 @@ void update_chunk(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* s, cons
   }
 }
 
-// ------------------------------------------------------------------------------------ AdaHessian
-void adahessian_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg,
-                         at::TensorList exp_hess_sq, at::TensorList curvature_in, at::TensorList probes_in,
-                         at::IntArrayRef windows_arg, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double hessian_power, at::ArrayRef<double> bias_correction1,
-                         at::ArrayRef<double> bias_correction2) {
-  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
-  constexpr const char* op = "adahessian_step_";
-  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "exp_hess_sq",
-                                          exp_hess_sq, curvature, probes, windows_arg);
-  TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
-              "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
-  const auto chunks = plan_chunks(params, windows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
-    using T = at::opmath_type<scalar_t>;
-    const auto shared = adahessian_scalars<T>(lr, beta1, beta2, eps, weight_decay, hessian_power);
-    for_each_chunk(chunks, total_numel(params), [&](const Chunk& c, int64_t) {
-      const int64_t j = c.tensor;
-      auto s = shared;
-      s.step = static_cast<T>(-lr / bias_correction1[j]);
-      s.bc2 = static_cast<T>(bias_correction2[j]);
-      auto chunk = [&](auto sqrt_power) {
-        update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
-                     exp_avg[j].mutable_data_ptr<scalar_t>(), exp_hess_sq[j].mutable_data_ptr<scalar_t>(),
-                     curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
-                     probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
-                     [s](auto has_d, T p, T g, T d, T& m, T& v) {
-                       return adahessian_element<T, decltype(sqrt_power)::value, decltype(has_d)::value>(p, g, d, m,
-                                                                                                         v, s);
-                     });
-      };
-      if (hessian_power == 1.0) chunk(std::true_type{});
-      else chunk(std::false_type{});
-    });
-  });
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(exp_hess_sq);
-}
-
-// ------------------------------------------------------------------------------------ Sophia
-void sophia_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
-                     at::TensorList curvature_in, at::TensorList probes_in, double lr, double beta1, double beta2,
-                     double rho, double eps, double weight_decay) {
-  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
-  constexpr const char* op = "sophia_step_";
-  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "hessian",
-                                          hessian, curvature, probes);
-  const auto chunks = plan_chunks(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
-    using T = at::opmath_type<scalar_t>;
-    const auto s = sophia_scalars<T>(lr, beta1, beta2, rho, eps, weight_decay);
-    for_each_chunk(chunks, total_numel(params), [&](const Chunk& c, int64_t) {
-      const int64_t j = c.tensor;
-      update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
-                   exp_avg[j].mutable_data_ptr<scalar_t>(), hessian[j].mutable_data_ptr<scalar_t>(),
-                   curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
-                   probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
-                   [s](auto has_d, T p, T g, T d, T& m, T& h) {
-                     return sophia_element<T, decltype(has_d)::value>(p, g, d, m, h, s);
-                   });
-    });
-  });
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(hessian);
-}
-
 // ------------------------------------------------------------------------------------ probes
 // Calls f(z, i0, count): z[k] is the probe of local element i0 + k, for consecutive runs that cover
 // [begin, end) of a tensor whose first element has flat index `base`. One Philox call per run.
@@ -215,6 +147,80 @@ std::vector<at::Tensor> rademacher_cpu(at::TensorList like, int64_t seed, int64_
   auto out = empty_like_contiguous(like);
   rademacher_inplace_cpu(out, seed, offset);
   return out;
+}
+
+// ------------------------------------------------------------------------------------ AdaHessian
+void adahessian_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg,
+                         at::TensorList exp_hess_sq, at::TensorList curvature_in, at::TensorList probes_in,
+                         at::IntArrayRef windows_arg, at::TensorList next_probes, int64_t probe_seed,
+                         int64_t next_offset, double lr, double beta1, double beta2, double eps, double weight_decay,
+                         double hessian_power, at::ArrayRef<double> bias_correction1,
+                         at::ArrayRef<double> bias_correction2) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
+  constexpr const char* op = "adahessian_step_";
+  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "exp_hess_sq",
+                                          exp_hess_sq, curvature, probes, windows_arg);
+  check_next_probes(op, c10::DeviceType::CPU, params, next_probes);
+  TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
+              "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
+  const auto chunks = plan_chunks(params, windows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto shared = adahessian_scalars<T>(lr, beta1, beta2, eps, weight_decay, hessian_power);
+    for_each_chunk(chunks, total_numel(params), [&](const Chunk& c, int64_t) {
+      const int64_t j = c.tensor;
+      auto s = shared;
+      s.step = static_cast<T>(-lr / bias_correction1[j]);
+      s.bc2 = static_cast<T>(bias_correction2[j]);
+      auto chunk = [&](auto sqrt_power) {
+        update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
+                     exp_avg[j].mutable_data_ptr<scalar_t>(), exp_hess_sq[j].mutable_data_ptr<scalar_t>(),
+                     curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
+                     probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
+                     [s](auto has_d, T p, T g, T d, T& m, T& v) {
+                       return adahessian_element<T, decltype(sqrt_power)::value, decltype(has_d)::value>(p, g, d, m,
+                                                                                                         v, s);
+                     });
+      };
+      if (hessian_power == 1.0) chunk(std::true_type{});
+      else chunk(std::false_type{});
+    });
+  });
+  bump_versions(params);
+  bump_versions(exp_avg);
+  bump_versions(exp_hess_sq);
+  if (!next_probes.empty()) rademacher_inplace_cpu(next_probes, probe_seed, next_offset);  // after all reads
+}
+
+// ------------------------------------------------------------------------------------ Sophia
+void sophia_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
+                     at::TensorList curvature_in, at::TensorList probes_in, at::TensorList next_probes,
+                     int64_t probe_seed, int64_t next_offset, double lr, double beta1, double beta2, double rho,
+                     double eps, double weight_decay) {
+  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
+  constexpr const char* op = "sophia_step_";
+  const auto windows = check_update_lists(op, c10::DeviceType::CPU, params, grads, "exp_avg", exp_avg, "hessian",
+                                          hessian, curvature, probes);
+  check_next_probes(op, c10::DeviceType::CPU, params, next_probes);
+  const auto chunks = plan_chunks(params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), op, [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto s = sophia_scalars<T>(lr, beta1, beta2, rho, eps, weight_decay);
+    for_each_chunk(chunks, total_numel(params), [&](const Chunk& c, int64_t) {
+      const int64_t j = c.tensor;
+      update_chunk(params[j].mutable_data_ptr<scalar_t>(), grads[j].const_data_ptr<scalar_t>(),
+                   exp_avg[j].mutable_data_ptr<scalar_t>(), hessian[j].mutable_data_ptr<scalar_t>(),
+                   curvature.empty() ? nullptr : curvature[j].const_data_ptr<scalar_t>(),
+                   probes.empty() ? nullptr : probes[j].const_data_ptr<scalar_t>(), windows[j], c.begin, c.end,
+                   [s](auto has_d, T p, T g, T d, T& m, T& h) {
+                     return sophia_element<T, decltype(has_d)::value>(p, g, d, m, h, s);
+                   });
+    });
+  });
+  bump_versions(params);
+  bump_versions(exp_avg);
+  bump_versions(hessian);
+  if (!next_probes.empty()) rademacher_inplace_cpu(next_probes, probe_seed, next_offset);  // after all reads
 }
 
 // acc[i] = (accumulate ? acc[i] : 0) + alpha * z[k] * hz[i] over one run; returns the run's sum of z * hz.
@@ -312,11 +318,12 @@ at::Tensor softmax_ce_hessian_product_cpu(const at::Tensor& logits, const at::Te
 
 TORCH_LIBRARY(curvkit, m) {
   m.def("adahessian_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_hess_sq, "
-        "Tensor[] curvature, Tensor[] probes, int[] windows, float lr, float beta1, float beta2, float eps, "
-        "float weight_decay, float hessian_power, float[] bias_correction1, float[] bias_correction2) -> ()");
+        "Tensor[] curvature, Tensor[] probes, int[] windows, Tensor(d!)[] next_probes, int probe_seed, "
+        "int next_offset, float lr, float beta1, float beta2, float eps, float weight_decay, float hessian_power, "
+        "float[] bias_correction1, float[] bias_correction2) -> ()");
   m.def("sophia_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] hessian, "
-        "Tensor[] curvature, Tensor[] probes, float lr, float beta1, float beta2, float rho, float eps, "
-        "float weight_decay) -> ()");
+        "Tensor[] curvature, Tensor[] probes, Tensor(d!)[] next_probes, int probe_seed, int next_offset, "
+        "float lr, float beta1, float beta2, float rho, float eps, float weight_decay) -> ()");
   m.def("rademacher_(Tensor(a!)[] out, int seed, int offset) -> ()");
   m.def("rademacher(Tensor[] like, int seed, int offset) -> Tensor[]");
   m.def("accumulate_zhz_(Tensor(a!)[] acc, Tensor[] hz, int seed, int offset, float alpha=1., "

@@ -88,6 +88,8 @@ __device__ __forceinline__ ChunkRange my_chunk(const TensorMeta* meta, int n) {
   return {j, begin, end};
 }
 
+void rademacher_inplace_cuda(at::TensorList out, int64_t seed, int64_t offset);
+
 // ------------------------------------------------------------------------------------ updates
 // ptr = {params, grads, exp_avg, second state (exp_hess_sq or hessian), curvature, probes}. The curvature
 // estimate d_i is c[i], or z[i] * c[i] with probes z (c = Hz), averaged over the run of `window`
@@ -149,13 +151,15 @@ __global__ void sophia_kernel(const TensorMeta* meta, int n, SophiaScalars<at::o
 
 void adahessian_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg,
                           at::TensorList exp_hess_sq, at::TensorList curvature_in, at::TensorList probes_in,
-                          at::IntArrayRef windows_arg, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, double hessian_power, at::ArrayRef<double> bias_correction1,
+                          at::IntArrayRef windows_arg, at::TensorList next_probes, int64_t probe_seed,
+                          int64_t next_offset, double lr, double beta1, double beta2, double eps, double weight_decay,
+                          double hessian_power, at::ArrayRef<double> bias_correction1,
                           at::ArrayRef<double> bias_correction2) {
   const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "adahessian_step_";
   const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg,
                                           "exp_hess_sq", exp_hess_sq, curvature, probes, windows_arg);
+  check_next_probes(op, c10::DeviceType::CUDA, params, next_probes);
   TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
               "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -179,15 +183,18 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads_in, at::Te
   bump_versions(params);
   bump_versions(exp_avg);
   bump_versions(exp_hess_sq);
+  if (!next_probes.empty()) rademacher_inplace_cuda(next_probes, probe_seed, next_offset);  // after the update
 }
 
 void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
-                      at::TensorList curvature_in, at::TensorList probes_in, double lr, double beta1, double beta2,
-                      double rho, double eps, double weight_decay) {
+                      at::TensorList curvature_in, at::TensorList probes_in, at::TensorList next_probes,
+                      int64_t probe_seed, int64_t next_offset, double lr, double beta1, double beta2, double rho,
+                      double eps, double weight_decay) {
   const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "sophia_step_";
   const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg, "hessian",
                                           hessian, curvature, probes);
+  check_next_probes(op, c10::DeviceType::CUDA, params, next_probes);
   const c10::cuda::CUDAGuard guard(params[0].device());
   int64_t blocks = 0;
   const at::Tensor meta = upload_meta({params, grads, exp_avg, hessian, curvature, probes}, windows, {},
@@ -207,6 +214,7 @@ void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::Tensor
   bump_versions(params);
   bump_versions(exp_avg);
   bump_versions(hessian);
+  if (!next_probes.empty()) rademacher_inplace_cuda(next_probes, probe_seed, next_offset);  // after the update
 }
 
 // ------------------------------------------------------------------------------------ probes

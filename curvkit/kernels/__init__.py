@@ -100,30 +100,36 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
                      beta2: float, eps: float, weight_decay: float, hessian_power: float,
                      bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
                      probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None,
+                     next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0,
                      fused: bool | None = None) -> None:
     """Fused AdaHessian update of one group: the curvature estimate is ``curvature``, or ``probes * curvature``
-    (curvature = Hz), averaged over ``windows``; see :func:`curvkit.kernels.reference.adahessian_step_`."""
-    probes, windows = probes or [], windows or []
+    (curvature = Hz), averaged over ``windows``; afterwards ``next_probes`` (which may be ``probes``) receive
+    the probes of draw ``(probe_seed, next_offset)``. See :func:`curvkit.kernels.reference.adahessian_step_`."""
+    probes, windows, next_probes = probes or [], windows or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
              list(bias_correction1), list(bias_correction2))
     if params and _call("adahessian_step_", params[0], fused, params, grads, exp_avg, exp_hess_sq, curvature,
-                        probes, list(windows), *hyper) is NotImplemented:
+                        probes, list(windows), next_probes, _signed(probe_seed), _signed(next_offset),
+                        *hyper) is NotImplemented:
         reference.adahessian_step_(params, grads, exp_avg, exp_hess_sq, curvature, *hyper, probes=probes,
-                                   windows=windows)
+                                   windows=windows, next_probes=next_probes, probe_seed=probe_seed,
+                                   next_offset=next_offset)
 
 
 @_no_grad
 def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                  hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
                  rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None,
+                 next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0,
                  fused: bool | None = None) -> None:
-    """Fused Sophia update of one group (estimate ``curvature`` or ``probes * curvature``); see
-    :func:`curvkit.kernels.reference.sophia_step_`."""
-    probes = probes or []
+    """Fused Sophia update of one group (estimate ``curvature`` or ``probes * curvature``; ``next_probes`` as in
+    :func:`adahessian_step_`); see :func:`curvkit.kernels.reference.sophia_step_`."""
+    probes, next_probes = probes or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(rho), float(eps), float(weight_decay))
     if params and _call("sophia_step_", params[0], fused, params, grads, exp_avg, hessian, curvature, probes,
-                        *hyper) is NotImplemented:
-        reference.sophia_step_(params, grads, exp_avg, hessian, curvature, *hyper, probes=probes)
+                        next_probes, _signed(probe_seed), _signed(next_offset), *hyper) is NotImplemented:
+        reference.sophia_step_(params, grads, exp_avg, hessian, curvature, *hyper, probes=probes,
+                               next_probes=next_probes, probe_seed=probe_seed, next_offset=next_offset)
 
 
 @_no_grad

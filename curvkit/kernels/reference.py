@@ -114,13 +114,15 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
                      exp_hess_sq: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float,
                      beta2: float, eps: float, weight_decay: float, hessian_power: float,
                      bias_correction1: Sequence[float], bias_correction2: Sequence[float], *,
-                     probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None) -> None:
+                     probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None,
+                     next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0) -> None:
     r"""One AdaHessian update of a parameter group (``curvature`` empty on steps that do not refresh it).
 
     .. math:: m \leftarrow \mathrm{lerp}(m, g, 1 - b_1), \quad v \leftarrow b_2 v + (1 - b_2) D^2, \quad
               \theta \leftarrow \theta (1 - lr\,wd) - \frac{lr}{bc_1} \frac{m}{(v / bc_2)^{k/2} + eps}
 
-    with D = :func:`estimate` ``(curvature, probes, windows)``.
+    with D = :func:`estimate` ``(curvature, probes, windows)``; then ``next_probes`` (which may be
+    ``probes``) receive the probes of draw ``(probe_seed, next_offset)``.
     """
     torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
     if curvature:
@@ -136,17 +138,20 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / bc for bc in bias_correction1])
+    if next_probes:
+        rademacher_(next_probes, probe_seed, next_offset)
 
 
 def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
                  hessian: list[torch.Tensor], curvature: list[torch.Tensor], lr: float, beta1: float, beta2: float,
-                 rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None) -> None:
+                 rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None,
+                 next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0) -> None:
     r"""One Sophia update of a parameter group (``curvature`` empty on steps that do not refresh it).
 
     .. math:: m \leftarrow \mathrm{lerp}(m, g, 1 - b_1), \quad h \leftarrow b_2 h + (1 - b_2) \hat h, \quad
               \theta \leftarrow \theta (1 - lr\,wd) - lr\,\mathrm{clip}(m / \max(\rho h, eps), 1)
 
-    with \hat h = :func:`estimate` ``(curvature, probes)``.
+    with \hat h = :func:`estimate` ``(curvature, probes)``; ``next_probes`` as in :func:`adahessian_step_`.
     """
     torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
     if curvature:
@@ -160,6 +165,8 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
     torch._foreach_clamp_min_(ratio, -1.0)
     torch._foreach_clamp_max_(ratio, 1.0)
     torch._foreach_add_(params, ratio, alpha=-lr)
+    if next_probes:
+        rademacher_(next_probes, probe_seed, next_offset)
 
 
 def softmax_ce_hessian_product(logits: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:

@@ -116,7 +116,7 @@ def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor],
 class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     """Base class: one gradient and, every ``update_each`` steps, a diagonal curvature estimate.
 
-    Subclasses implement ``_update(group, params, grads, curvature)`` with ``curvature`` a
+    Subclasses implement ``_update(group, params, grads, curvature, next_probes)`` with ``curvature`` a
     :class:`Curvature` (or None on steps that do not refresh it). ``fused``: None runs the compiled
     kernels of :mod:`curvkit.kernels` where they are built, True requires them (RuntimeError here if
     they cannot run), False runs the PyTorch (foreach) path.
@@ -136,6 +136,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         self._generator = make_generator(seed, shared=self.distributed)
         self._probe_seed = self._generator.initial_seed()
         self._probe_offset = 0
+        self._prefetched = None  # (offset, params, probes): a draw that the last update made in advance
         self._steps = 0
 
     # ------------------------------------------------------------------ state
@@ -149,6 +150,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvkit", None)
         super().load_state_dict(state_dict)
+        self._prefetched = None
         if extra is not None:
             self._steps = extra["steps"]
             self._generator.set_state(extra["generator"])
@@ -177,15 +179,39 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
             self._all_reduce(grads + (curvature.values if curvature else []))
         self._steps += 1
         if len(groups) == 1 and len(live) == len(params):  # the common case: nothing to regroup
-            self._update(groups[0], live, grads, curvature)
+            next_probes = self._next_probe_buffers(live, curvature)
+            self._update(groups[0], live, grads, curvature, next_probes)
+            if next_probes is not None:
+                self._prefetched = (self._probe_offset, live, next_probes)
             return loss
         index = {id(p): i for i, p in enumerate(live)}
         for group in groups:
             mine = [index[id(p)] for p in group["params"] if id(p) in index]
             if mine:
                 self._update(group, [live[i] for i in mine], [grads[i] for i in mine],
-                             curvature and curvature.select(mine))
+                             curvature and curvature.select(mine), None)
         return loss
+
+    def _next_probe_buffers(self, params, curvature: Curvature | None) -> list[torch.Tensor] | None:
+        """Where the update should write the next Hutchinson draw, in the same native call, when the next
+        step refreshes the curvature: this step's probe tensors, or new ones. None otherwise."""
+        if self.estimator != "hutchinson" or self._steps % self.update_each:
+            return None
+        if curvature is not None and curvature.probes is not None:
+            return curvature.probes
+        return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+    def _draw(self, params) -> list[torch.Tensor]:
+        """The Rademacher probes of the next draw: made in advance by the last update when they are for the
+        same parameters, else drawn now."""
+        ready, self._prefetched = self._prefetched, None
+        if (ready is not None and ready[0] == self._probe_offset and len(ready[1]) == len(params)
+                and all(p is q and z.shape == p.shape for p, q, z in zip(params, ready[1], ready[2]))):
+            probes = ready[2]
+        else:
+            probes = kernels.rademacher(params, self._probe_seed, self._probe_offset, fused=self.fused)
+        self._probe_offset += 1
+        return probes
 
     def _from_closure(self, closure, params, refresh):
         gnb = refresh and self.estimator == "gnb"
@@ -251,8 +277,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         """
         total = None
         for i in range(self.n_samples):
-            zs = kernels.rademacher(params, self._probe_seed, self._probe_offset, fused=self.fused)
-            self._probe_offset += 1
+            zs = self._draw(params)
             hz = torch.autograd.grad(grads, params, zs, retain_graph=i < self.n_samples - 1, allow_unused=True)
             hz = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hz)]
             if self.n_samples == 1:
@@ -303,5 +328,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         return states, firsts, seconds
 
     @abstractmethod
-    def _update(self, group: dict, params: list, grads: list, curvature: Curvature | None) -> None:
-        """Apply the update rule to ``params`` of one group (``curvature`` None on non-refresh steps)."""
+    def _update(self, group: dict, params: list, grads: list, curvature: Curvature | None,
+                next_probes: list[torch.Tensor] | None) -> None:
+        """Apply the update rule to ``params`` of one group (``curvature`` None on non-refresh steps), then
+        fill ``next_probes`` (when given) with the probes of draw ``self._probe_offset``."""

@@ -40,7 +40,7 @@ class AdaHessian(CurvatureOptimizer):
         super().__init__(params, defaults, update_each=update_each, n_samples=n_samples, estimator=estimator,
                          seed=seed, distributed=distributed, fused=fused)
 
-    def _update(self, group, params, grads, curvature):
+    def _update(self, group, params, grads, curvature, next_probes):
         beta1, beta2 = group["betas"]
         states, exp_avg, exp_sq = self._advance(params, "exp_avg", "exp_hessian_diag_sq", ("curvature_updates",))
         bias1, bias2 = [], []
@@ -58,4 +58,5 @@ class AdaHessian(CurvatureOptimizer):
         kernels.adahessian_step_(
             params, grads, exp_avg, exp_sq, curvature.values if curvature else [], group["lr"], beta1, beta2,
             group["eps"], group["weight_decay"], group["hessian_power"], bias1, bias2,
-            probes=curvature.probes if curvature else None, windows=windows, fused=self.fused)
+            probes=curvature.probes if curvature else None, windows=windows, next_probes=next_probes,
+            probe_seed=self._probe_seed, next_offset=self._probe_offset, fused=self.fused)

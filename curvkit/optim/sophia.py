@@ -36,9 +36,10 @@ class Sophia(CurvatureOptimizer):
         super().__init__(params, defaults, update_each=update_each, n_samples=n_samples, estimator=estimator,
                          seed=seed, distributed=distributed, fused=fused)
 
-    def _update(self, group, params, grads, curvature):
+    def _update(self, group, params, grads, curvature, next_probes):
         beta1, beta2 = group["betas"]
         _, exp_avg, hessian = self._advance(params, "exp_avg", "hessian")
         kernels.sophia_step_(params, grads, exp_avg, hessian, curvature.values if curvature else [], group["lr"],
                              beta1, beta2, group["rho"], group["eps"], group["weight_decay"],
-                             probes=curvature.probes if curvature else None, fused=self.fused)
+                             probes=curvature.probes if curvature else None, next_probes=next_probes,
+                             probe_seed=self._probe_seed, next_offset=self._probe_offset, fused=self.fused)

@@ -222,9 +222,14 @@ def test_refused_arguments_fall_back_or_explain():
     with pytest.raises(RuntimeError, match="must be a contiguous"):
         kernels.adahessian_step_([p], *args(), fused=True)
     with pytest.raises(RuntimeError, match="exp_avg has 2 tensors, expected 1"):
-        torch.ops.curvkit.sophia_step_([g], [g], [m, m], [v], [], [], 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
+        torch.ops.curvkit.sophia_step_([g], [g], [m, m], [v], [], [], [], 0, 0, 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
     with pytest.raises(RuntimeError, match="curvature\\[0\\] has 5 elements, expected 12"):
-        torch.ops.curvkit.adahessian_step_([g], [g], [m], [v], [torch.ones(5)], [], [], 0.1, 0.9, 0.999, 1e-4, 0.0,
-                                           1.0, [0.1], [0.01])
+        torch.ops.curvkit.adahessian_step_([g], [g], [m], [v], [torch.ones(5)], [], [], [], 0, 0, 0.1, 0.9, 0.999,
+                                           1e-4, 0.0, 1.0, [0.1], [0.01])
     with pytest.raises(RuntimeError, match="probes need a curvature"):
-        torch.ops.curvkit.sophia_step_([g], [g], [m], [v], [], [g], 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
+        torch.ops.curvkit.sophia_step_([g], [g], [m], [v], [], [g], [], 0, 0, 0.1, 0.9, 0.99, 0.04, 1e-12, 0.0)
+    before = g.clone()
+    with pytest.raises(RuntimeError, match="next_probes\\[0\\] has 5 elements"):  # refused before any update
+        torch.ops.curvkit.sophia_step_([g], [g], [m], [v], [], [], [torch.ones(5)], 0, 0, 0.1, 0.9, 0.99, 0.04,
+                                       1e-12, 0.0)
+    assert torch.equal(g, before)

@@ -154,3 +154,39 @@ def test_ggn_cross_entropy_products_run_on_the_kernel(monkeypatch):
     expected = G @ v
     monkeypatch.setattr(reference, "softmax_ce_hessian_product", refuse)
     torch.testing.assert_close(GGNOperator(model, F.cross_entropy, (x, y)) @ v, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_update_can_write_the_next_draw_into_its_own_probes(dtype):
+    shapes = [(4, 3, 3), (7,), (130,)]
+    g = torch.Generator().manual_seed(0)
+    state = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(5)]
+    state[3] = [t.abs() for t in state[3]]
+    probes = reference.rademacher(state[0], 9, 4)
+    ours, ref = [[t.clone() for t in ts] for ts in state], [[t.clone() for t in ts] for ts in state]
+    ours_probes, ref_probes = [z.clone() for z in probes], [z.clone() for z in probes]
+    args = (0.1, 0.9, 0.999, 1e-4, 0.0, 1.0, [0.1] * 3, [0.01] * 3)
+    kernels.adahessian_step_(*ours, *args, probes=ours_probes, windows=[9, 1, 1], next_probes=ours_probes,
+                             probe_seed=9, next_offset=5, fused=True)
+    reference.adahessian_step_(*ref, *args, probes=ref_probes, windows=[9, 1, 1])
+    for mine, theirs in zip(ours[:4], ref[:4]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0)   # the update read the probes before the draw
+    for z, expected in zip(ours_probes, reference.rademacher(state[0], 9, 5)):
+        assert torch.equal(z, expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: AdaHessian(p, lr=0.05, seed=1),
+    lambda p: AdaHessian(p, lr=0.05, seed=1, update_each=3, n_samples=2),
+    lambda p: Sophia(p, lr=0.01, seed=1, update_each=2),
+])
+def test_draws_made_in_advance_are_the_draws_made_on_time(make):
+    """One group (the update writes the next draw in advance) against two groups (every draw made on time)."""
+    model, x, y = _conv_model(torch.float64)
+    twin = copy.deepcopy(model)
+    one = make(model.parameters())
+    two = make([{"params": list(twin.parameters())[:2]}, {"params": list(twin.parameters())[2:]}])
+    for _ in range(7):
+        one.step(lambda: F.cross_entropy(model(x), y))
+        two.step(lambda: F.cross_entropy(twin(x), y))
+    assert torch.equal(_flat(model), _flat(twin))
