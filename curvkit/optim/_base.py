@@ -293,10 +293,10 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         r"""GNB: labels sampled from softmax(logits); D = B * ghat * ghat (Liu et al. 2023)."""
         if logits is None:
             raise ValueError('estimator="gnb" needs the closure to return (loss, logits)')
-        logits = logits.reshape(-1, logits.shape[-1])
-        probs = torch.softmax(logits.detach().float(), -1).cpu()
-        sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1).to(logits.device)
-        with torch.enable_grad():
+        with torch.enable_grad():  # the step runs under no_grad; reshape may copy, which must be recorded
+            logits = logits.reshape(-1, logits.shape[-1])
+            probs = torch.softmax(logits.detach().float(), -1).cpu()
+            sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1).to(logits.device)
             grads = torch.autograd.grad(F.cross_entropy(logits, sampled), params, allow_unused=True)
         batch = logits.shape[0]
         return [torch.zeros_like(p) if g is None else g.square().mul_(batch) for p, g in zip(params, grads)]

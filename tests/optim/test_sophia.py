@@ -83,3 +83,17 @@ def test_callable_estimator_is_used():
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sophia(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_gnb_takes_sequence_logits_that_reshape_must_copy():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x, y = torch.randn(4, 6, 5), torch.randint(0, 3, (6, 4))
+    opt = Sophia(model.parameters(), lr=0.02, estimator="gnb", update_each=1, seed=0)
+
+    def closure():
+        logits = model(x).transpose(0, 1)               # (time, batch, classes), not contiguous
+        return F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1)), logits
+
+    opt.step(closure)
+    assert all(opt.state[p]["hessian"].abs().sum() > 0 for p in model.parameters())
