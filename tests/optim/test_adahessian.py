@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -64,11 +65,11 @@ def test_rosenbrock_converges():
     torch.testing.assert_close(theta.detach(), torch.ones(2), atol=0.1, rtol=0)
 
 
-def _train_digits(make_opt, closure_style, epochs=12, seed=0):
+def _train_digits(make_opt, closure_style, epochs, seed):
+    """Test accuracy of a 64-32-10 tanh MLP on sklearn's digits (the split, init and batches follow ``seed``)."""
     from curvkit.demo import load_digits_tensors
 
     (X, y), (Xt, yt) = load_digits_tensors(seed)
-    X, Xt = X.float(), Xt.float()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).float()
     opt = make_opt(model.parameters())
@@ -85,11 +86,16 @@ def _train_digits(make_opt, closure_style, epochs=12, seed=0):
         return (model(Xt).argmax(1) == yt).float().mean().item()
 
 
-def test_digits_mlp_reaches_at_least_adams_accuracy():
-    ada = _train_digits(lambda p: AdaHessian(p, lr=0.15, seed=0), closure_style=True)
-    adam = _train_digits(lambda p: torch.optim.Adam(p, lr=3e-3), closure_style=False)
-    assert ada >= adam - 0.005, (ada, adam)
-    assert ada > 0.9
+def test_digits_mlp_reaches_adams_accuracy():
+    """Mean test accuracy over 5 seeds after 4 epochs: AdaHessian at its default lr against Adam at every lr of
+    a grid, the best picked on the test set itself (a bar in Adam's favour). Measured: 96.7% against 96.8%
+    (Adam lr 1e-2) and 94.9% (Adam lr 3e-3); single seeds vary by about a point, hence the mean."""
+    seeds, epochs = range(5), 4
+    ada = statistics.fmean(_train_digits(lambda p: AdaHessian(p, seed=s), True, epochs, s) for s in seeds)
+    adam = {lr: statistics.fmean(_train_digits(lambda p: torch.optim.Adam(p, lr=lr), False, epochs, s) for s in seeds)
+            for lr in (1e-3, 3e-3, 1e-2)}
+    assert ada >= adam[3e-3]                       # beats Adam at PyTorch's usual small-model lr
+    assert ada >= max(adam.values()) - 0.01, (ada, adam)   # and matches Adam tuned on the test set, to a point
 
 
 @pytest.mark.parametrize("conv, shape", [
