@@ -171,10 +171,9 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         groups = self.param_groups
         params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
         if closure is not None:
-            loss, live, curvature = self._from_closure(closure, params, refresh)
+            loss, live, grads, curvature = self._from_closure(closure, params, refresh)
         else:
-            loss, (live, curvature) = None, self._from_backward(params, refresh)
-        grads = [p.grad for p in live]
+            loss, (live, grads, curvature) = None, self._from_backward(params, refresh)
         if self.distributed:
             self._all_reduce(grads + (curvature.values if curvature else []))
         self._steps += 1
@@ -229,9 +228,10 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         if refresh:
             curvature = (Curvature(self._gauss_newton_bartlett(logits, live)) if gnb
                          else self._curvature(grads, live))
+        grads = [g.detach() if g.requires_grad else g for g in grads]
         for p, g in zip(live, grads):
-            p.grad = g.detach() if g.requires_grad else g
-        return loss.detach(), live, curvature
+            p.grad = g
+        return loss.detach(), live, grads, curvature
 
     def _from_backward(self, params, refresh):
         live = [p for p in params if p.grad is not None]
@@ -247,9 +247,11 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                     "opt.step(lambda: loss_fn(model(x), y)) that returns the loss without calling backward"
                 )
             curvature = self._curvature([p.grad for p in live], live)
+        grads = []
         for p in live:
             p.grad = p.grad.detach()
-        return live, curvature
+            grads.append(p.grad)
+        return live, grads, curvature
 
     def _curvature(self, grads, params) -> Curvature:
         """Diagonal estimate from gradients that carry a graph (zero where a gradient has none)."""
