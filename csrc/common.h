@@ -78,6 +78,24 @@ inline void check_next_probes(const char* op, c10::DeviceType device, at::Tensor
   check_same_numel(op, params, "next_probes", next_probes);
 }
 
+// The read-only inputs of a fused optimizer update, made contiguous, and the curvature windows.
+struct UpdateInputs {
+  std::vector<at::Tensor> grads, curvature, probes;
+  std::vector<int64_t> windows;
+};
+
+// Everything an AdaHessian or Sophia update checks before it touches any data (CPU and CUDA alike).
+inline UpdateInputs prepare_update(const char* op, c10::DeviceType device, at::TensorList params, at::TensorList grads,
+                                   const char* name1, at::TensorList state1, const char* name2, at::TensorList state2,
+                                   at::TensorList curvature, at::TensorList probes, at::IntArrayRef windows,
+                                   at::TensorList next_probes) {
+  UpdateInputs in{contiguous(grads), contiguous(curvature), contiguous(probes), {}};
+  in.windows = check_update_lists(op, device, params, in.grads, name1, state1, name2, state2, in.curvature, in.probes,
+                                  windows);
+  check_next_probes(op, device, params, next_probes);
+  return in;
+}
+
 // Flat index of the first element of every tensor: a probe draw numbers its tensors as one vector.
 inline std::vector<int64_t> flat_bases(at::TensorList tensors) {
   std::vector<int64_t> bases(tensors.size());

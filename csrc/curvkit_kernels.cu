@@ -155,11 +155,10 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads_in, at::Te
                           int64_t next_offset, double lr, double beta1, double beta2, double eps, double weight_decay,
                           double hessian_power, at::ArrayRef<double> bias_correction1,
                           at::ArrayRef<double> bias_correction2) {
-  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "adahessian_step_";
-  const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg,
-                                          "exp_hess_sq", exp_hess_sq, curvature, probes, windows_arg);
-  check_next_probes(op, c10::DeviceType::CUDA, params, next_probes);
+  const auto [grads, curvature, probes, windows] =
+      prepare_update(op, c10::DeviceType::CUDA, params, grads_in, "exp_avg", exp_avg, "exp_hess_sq", exp_hess_sq,
+                     curvature_in, probes_in, windows_arg, next_probes);
   TORCH_CHECK(bias_correction1.size() == params.size() && bias_correction2.size() == params.size(),
               "curvkit::adahessian_step_: needs one bias correction of each kind per tensor");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -190,11 +189,10 @@ void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::Tensor
                       at::TensorList curvature_in, at::TensorList probes_in, at::TensorList next_probes,
                       int64_t probe_seed, int64_t next_offset, double lr, double beta1, double beta2, double rho,
                       double eps, double weight_decay) {
-  const auto grads = contiguous(grads_in), curvature = contiguous(curvature_in), probes = contiguous(probes_in);
   constexpr const char* op = "sophia_step_";
-  const auto windows = check_update_lists(op, c10::DeviceType::CUDA, params, grads, "exp_avg", exp_avg, "hessian",
-                                          hessian, curvature, probes);
-  check_next_probes(op, c10::DeviceType::CUDA, params, next_probes);
+  const auto [grads, curvature, probes, windows] =
+      prepare_update(op, c10::DeviceType::CUDA, params, grads_in, "exp_avg", exp_avg, "hessian", hessian, curvature_in,
+                     probes_in, {}, next_probes);
   const c10::cuda::CUDAGuard guard(params[0].device());
   int64_t blocks = 0;
   const at::Tensor meta = upload_meta({params, grads, exp_avg, hessian, curvature, probes}, windows, {},
