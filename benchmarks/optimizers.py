@@ -3,8 +3,9 @@
 Two parts, in one process, on sklearn's 8x8 digits (64-32-10 tanh MLP and a small conv net):
 
 1. accuracy: test accuracy and loss after a fixed number of epochs (mean +- std over seeds); learning
-   rates are picked on a validation split carved out of the training set, never on the test set,
-   then the model is retrained on the whole training set;
+   rates (and AdaHessian's spatial_average on the conv net) are picked on a validation split carved out
+   of the training set, never on the test set, then the model is retrained on the whole training set;
+   verdicts compare tuned curvkit AdaHessian with every other row, paired over seeds;
 2. step time: one training step (forward, derivatives, update) of every optimizer, interleaved step by
    step on copies of the same model and the same batches, against Adam and against the "autograd floor"
    (forward + grad(create_graph=True) + one Hessian-vector product: the bare work of an AdaHessian step).
@@ -12,7 +13,7 @@ Two parts, in one process, on sklearn's 8x8 digits (64-32-10 tanh MLP and a smal
 A broken anchor prints ``n/a (reason)`` instead of stopping the run.
 
     pip install -c constraints.txt torch-optimizer pytorch-optimizer   # the anchors
-    python benchmarks/optimizers.py            # about 10 minutes on 2 CPU cores
+    python benchmarks/optimizers.py            # about 4.5 minutes on 2 CPU cores
     python benchmarks/optimizers.py --quick    # about 1 minute
 """
 
@@ -141,9 +142,11 @@ def adamw(lr: float) -> Method:
     return Method(f"AdamW lr={lr:g} (wd 0.01)", lambda p, s: torch.optim.AdamW(p, lr=lr), "backward")
 
 
-def curvkit_adahessian(lr: float = 0.15, update_each: int = 1, note: str = "") -> Method:
-    return Method(f"curvkit AdaHessian lr={lr:g}{note}",
-                  lambda p, s: AdaHessian(p, lr=lr, update_each=update_each, seed=s), "closure")
+def curvkit_adahessian(lr: float = 0.15, spatial_average: bool = True, update_each: int = 1, note: str = "") -> Method:
+    spatial = "" if spatial_average else ", spatial_average=False"
+    return Method(f"curvkit AdaHessian lr={lr:g}{spatial}{note}",
+                  lambda p, s: AdaHessian(p, lr=lr, spatial_average=spatial_average, update_each=update_each, seed=s),
+                  "closure")
 
 
 def curvkit_sophia(lr: float, update_each: int = 10) -> Method:
@@ -290,42 +293,51 @@ def score(out: Outcome) -> tuple[float, float]:
     return (statistics.fmean(out.acc), statistics.fmean(out.loss))
 
 
-def tune(name: str, factory, train_data, cfg: Config, report: Report) -> dict[str, float]:
-    """Pick each tuned method's lr on the last 20% of the training set (the rest trains)."""
+def tune(name: str, factory, train_data, cfg: Config, report: Report) -> dict[str, tuple]:
+    """Pick each tuned method's settings on the last 20% of the training set (the rest trains): the lr, and for
+    AdaHessian on a model with conv weights also ``spatial_average`` (True first: it wins ties)."""
     cut = int(0.8 * len(train_data[1]))
     fit, val = (train_data[0][:cut], train_data[1][:cut]), (train_data[0][cut:], train_data[1][cut:])
-    grids = {"Adam": (adam, cfg.adam_grid), "AdamW": (adamw, cfg.adam_grid),
-             "curvkit AdaHessian": (curvkit_adahessian, cfg.adahessian_grid),
-             "curvkit Sophia": (curvkit_sophia, cfg.sophia_grid)}
+    spatial = (True, False) if any(p.dim() >= 3 for p in factory().parameters()) else (True,)
+    grids = {"Adam": (adam, [(lr,) for lr in cfg.adam_grid]), "AdamW": (adamw, [(lr,) for lr in cfg.adam_grid]),
+             "curvkit AdaHessian": (curvkit_adahessian, [(lr, sa) for sa in spatial for lr in cfg.adahessian_grid]),
+             "curvkit Sophia": (curvkit_sophia, [(lr,) for lr in cfg.sophia_grid])}
     chosen, rows = {}, []
     for key, (make, grid) in grids.items():
-        outs = [run_method(factory, make(lr), fit, val, cfg.epochs, cfg.tune_seeds) for lr in grid]
+        outs = [run_method(factory, make(*setting), fit, val, cfg.epochs, cfg.tune_seeds) for setting in grid]
         best = max(range(len(grid)), key=lambda i: (score(outs[i])[0], -score(outs[i])[1]))
         chosen[key] = grid[best]
         cells = [o.error or f"{mean_std(o.acc, 1, 100)}% / {mean_std(o.loss, 3)}" for o in outs]
-        rows.append([key, " · ".join(f"{lr:g}: {c}" for lr, c in zip(grid, cells)), f"**{grid[best]:g}**"])
-    report.table(f"{name}: learning rate on validation ({len(fit[1])} fit / {len(val[1])} validation samples "
+        rows.append([key, " · ".join(f"{describe(setting)}: {c}" for setting, c in zip(grid, cells)),
+                     f"**{describe(grid[best])}**"])
+    report.table(f"{name}: settings on validation ({len(fit[1])} fit / {len(val[1])} validation samples "
                  f"from TRAIN, {cfg.epochs} epochs, seed(s) {', '.join(map(str, cfg.tune_seeds))}; accuracy / loss)",
-                 ["optimizer", "lr: val. accuracy / val. loss", "chosen"], rows)
+                 ["optimizer", "setting: val. accuracy / val. loss", "chosen"], rows)
     return chosen
 
 
-def accuracy_methods(lr: dict[str, float]) -> list[Method]:
-    ah = lr["curvkit AdaHessian"]
-    methods = [adam(lr["Adam"]), adamw(lr["AdamW"])]
-    if ah != 0.15:
+def describe(setting: tuple) -> str:
+    """``(lr,)`` as "0.1", ``(lr, spatial_average)`` as "0.1" or "0.1 no-spatial"."""
+    return f"{setting[0]:g}" + ("" if len(setting) == 1 or setting[1] else " no-spatial")
+
+
+def accuracy_methods(chosen: dict[str, tuple]) -> list[Method]:
+    ah, spatial = chosen["curvkit AdaHessian"]
+    sophia_lr = chosen["curvkit Sophia"][0]
+    methods = [adam(*chosen["Adam"]), adamw(*chosen["AdamW"])]
+    if (ah, spatial) != (0.15, True):
         methods.append(curvkit_adahessian(0.15, note=" (default)"))
     methods += [
-        curvkit_adahessian(ah, note=" (tuned)"),
-        curvkit_sophia(lr["curvkit Sophia"]),
+        curvkit_adahessian(ah, spatial, note=" (tuned)"),
+        curvkit_sophia(sophia_lr),
         torch_optimizer_adahessian(),
         torch_optimizer_adahessian(lr=ah, hessian_power=1.0),
         pytorch_optimizer("AdaHessian"),
         pytorch_optimizer("AdaHessian", lr=ah),
         pytorch_optimizer("AdaHessian", lr=ah, eps=1e-4),
         pytorch_optimizer("SophiaH"),
-        pytorch_optimizer("SophiaH", lr=lr["curvkit Sophia"]),  # literally the same lr: 25-100x smaller steps
-        sophiah_like_curvkit(lr["curvkit Sophia"]),
+        pytorch_optimizer("SophiaH", lr=sophia_lr),  # literally the same lr: 25-100x smaller steps
+        sophiah_like_curvkit(sophia_lr),
     ]
     return methods
 
@@ -338,16 +350,16 @@ def paired_gap(ours: Outcome, theirs: Outcome) -> tuple[float, float]:
 
 def bench_accuracy(name: str, factory, cfg: Config, report: Report) -> None:
     train_data, test_data = load_digits_tensors(0)
-    lr = tune(name, factory, train_data, cfg, report)
+    chosen = tune(name, factory, train_data, cfg, report)
     rows, outcomes = [], {}
-    for method in accuracy_methods(lr):
+    for method in accuracy_methods(chosen):
         out = outcomes[method.label] = run_method(factory, method, train_data, test_data, cfg.epochs, cfg.seeds)
         cells = [out.error, ""] if out.error else [f"{mean_std(out.acc, 1, 100)}%", mean_std(out.loss, 3)]
         rows.append([method.label, *cells])
     report.table(f"{name}: test accuracy and loss after {cfg.epochs} epochs on all {len(train_data[1])} training "
                  f"samples (batch {BATCH}, {len(test_data[1])} test samples, mean ± std over seeds "
                  f"{', '.join(map(str, cfg.seeds))})", ["optimizer", "test accuracy", "test loss"], rows)
-    ours = outcomes[curvkit_adahessian(lr["curvkit AdaHessian"], note=" (tuned)").label]
+    ours = outcomes[curvkit_adahessian(*chosen["curvkit AdaHessian"], note=" (tuned)").label]
     for label, theirs in outcomes.items():
         if label.startswith("curvkit") or theirs.error or ours.error or any(map(math.isnan, ours.acc + theirs.acc)):
             continue
