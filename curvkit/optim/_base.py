@@ -77,7 +77,9 @@ def _hooked(optimizer, step, args, kwargs):
                 raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result!r}")
             args, kwargs = result
     out = step(optimizer, *args, **kwargs)
-    optimizer._optimizer_step_code()
+    step_code = getattr(optimizer, "_optimizer_step_code", None)  # a profiler anchor; not in every torch version
+    if step_code is not None:
+        step_code()
     for hook in (*optimizer._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
         hook(optimizer, args, kwargs)
     return out
