@@ -11,6 +11,11 @@ entropy, shared by all ranks, for None), the offset counts draws, and both are s
 ``state_dict()``. The fused kernels and the PyTorch path draw the same probes, so ``fused=True``
 and ``fused=False`` follow the same trajectory (to rounding). GNB and callable estimators draw
 from the optimizer's torch.Generator.
+
+With one parameter group, the update of a step before a Hutchinson refresh also writes the next
+draw into that step's probe buffers (one native call instead of two); the buffers are kept until
+the refresh, so between such steps the optimizer holds one parameter-sized tensor more than its
+state. The draw is the one that would be made on time, bit for bit.
 """
 
 from __future__ import annotations
