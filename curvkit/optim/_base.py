@@ -201,7 +201,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     def _next_probe_buffers(self, params, curvature: Curvature | None) -> list[torch.Tensor] | None:
         """Where the update should write the next Hutchinson draw, in the same native call, when the next
         step refreshes the curvature: this step's probe tensors, or new ones. None otherwise."""
-        if self.estimator != "hutchinson" or self._steps % self.update_each:
+        if self.estimator != "hutchinson" or not self._refresh_now():  # called after the step was counted
             return None
         if curvature is not None and curvature.probes is not None:
             return curvature.probes
