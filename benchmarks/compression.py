@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.compress import channel_scores, mixed_precision, prune_channels, quantize, recalibrate_bn, sensitivity
-from curvkit.demo import load_digits_tensors
+from curvkit.datasets import load_digits_tensors
 
 BITS = (2, 3, 4, 5, 6, 8)
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

@@ -45,7 +45,7 @@ from scipy.sparse.linalg import eigsh
 from scipy.stats import wasserstein_distance
 from torch import nn
 
-from curvkit.demo import load_digits_tensors
+from curvkit.datasets import load_digits_tensors
 from curvkit.hessian import HessianOperator, density, eigenvalues, trace
 
 EIG_TOL = 1e-6

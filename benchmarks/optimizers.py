@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.demo import load_digits_tensors
+from curvkit.datasets import load_digits_tensors
 from curvkit.optim import AdaHessian, Sophia
 
 BATCH = 64

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.analysis import landscape_2d, random_direction
-from curvkit.demo import load_digits_tensors, train_mlp
+from curvkit.cli.demo import train_mlp
+from curvkit.datasets import load_digits_tensors
 from curvkit.hessian import HessianOperator, trace
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.image as mpimg
 
-from curvkit.__main__ import main
+from curvkit.cli import main
 
 
 def test_demo_prints_results_and_writes_its_figures(tmp_path, capsys):

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils.random import Seed, make_generator
 from ..hessian import HessianOperator, eigenvalues
-from ..hessian._random import Seed, make_generator
 
 Direction = dict[str, torch.Tensor]
 NORMS = ("filter", "layer", None)

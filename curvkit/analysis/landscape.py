@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..hessian._model import BorrowedLoss, as_batches, batch_size, to_device
-from ..hessian._progress import progress_bar
+from .._utils.batches import as_batches, batch_size, to_device
+from .._utils.borrow import BorrowedLoss
+from .._utils.progress import progress_bar
 from .directions import Direction
 
 KINDS = ("contour", "surface", "heatmap")

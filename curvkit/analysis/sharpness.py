@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._utils.random import Seed, make_generator
 from ..hessian import HessianOperator, PreconditionedOperator, eigenvalues
-from ..hessian._random import Seed, make_generator
 
 COLUMNS = ["step", "loss", "sharpness", "preconditioned_sharpness", "threshold", "matvecs", "seconds"]
 

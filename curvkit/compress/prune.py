@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .._utils.batches import as_batches, to_device
+from .._utils.progress import progress_bar
+from .._utils.random import Seed
 from ..hessian import HessianOperator
-from ..hessian._model import as_batches, to_device
-from ..hessian._progress import progress_bar
-from ..hessian._random import Seed
 from .sensitivity import sensitivity, weight_layers
 
 METHODS = ("hessian", "quadratic", "l2", "l1")

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .._utils.batches import as_batches, batch_size, to_device
+from .._utils.random import Seed
 from ..hessian import layerwise
-from ..hessian._model import as_batches, batch_size, to_device
-from ..hessian._random import Seed
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GRANULARITIES = ("layer", "channel")

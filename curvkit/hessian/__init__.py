@@ -1,24 +1,35 @@
 """The Hessian engine: curvature operators and the algorithms that use their products.
 
->>> from curvkit.hessian import HessianOperator, eigenvalues, trace, diagonal, density
->>> H = HessianOperator(model, F.cross_entropy, (x, y))
->>> eigenvalues(H, k=5).values, trace(H).ci95
+Operators (:class:`HessianOperator`, :class:`GGNOperator`, :class:`PreconditionedOperator`, and the
+compositions ``H.shift(c)``, ``a * H``) know how to multiply; algorithms (:func:`eigenvalues`,
+:func:`trace`, :func:`diagonal`, :func:`density`, :func:`layerwise`) know what to do with products and
+run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors included.
+
+.. code-block:: python
+
+    from curvkit.hessian import HessianOperator, eigenvalues, trace
+    H = HessianOperator(model, F.cross_entropy, (x, y))
+    eigenvalues(H, k=5).values, trace(H).ci95
 """
 
 from .density import Spectrum, density
+from .diagonal import diagonal
 from .eigen import eigenvalues
+from .factory import OPERATORS, build_operator
 from .ggn import GGNOperator
+from .hessian import HessianOperator
 from .inputs import input_hvp
 from .lanczos import Lanczos, SegmentedLanczos
 from .layerwise import layerwise
-from .operator import CurvatureOperator, HessianOperator, ModelOperator
+from .model import ModelOperator
+from .operator import CurvatureOperator, DiagonalSandwich, ScaledOperator, ShiftedOperator
 from .preconditioned import PreconditionedOperator
 from .results import DiagResult, EigResult, TraceResult
-from .trace import diagonal, trace
+from .trace import trace
 
 __all__ = [
-    "CurvatureOperator", "ModelOperator", "HessianOperator", "Lanczos",
-    "eigenvalues", "trace", "diagonal", "density", "layerwise", "SegmentedLanczos",
+    "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
+    "ShiftedOperator", "ScaledOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
+    "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
-    "GGNOperator", "PreconditionedOperator", "input_hvp",
 ]

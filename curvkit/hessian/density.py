@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from ._progress import progress_bar
-from ._random import Seed, make_generator, rademacher
-from .lanczos import Lanczos, check_operator
+from .._utils.progress import progress_bar
+from .._utils.random import Seed, make_generator, rademacher_matrix
+from .lanczos import Lanczos
+from .operator import check_operator
 from .results import _short
 
 DEFAULT_PROBES = 10
@@ -115,7 +116,7 @@ def density(H: Any, n_probes: int | None = None, n_iter: int | None = None, seed
     if n_probes < 1 or n_iter < 1:
         raise ValueError(f"n_probes and n_iter must be positive, got {n_probes} and {n_iter}")
     gen = make_generator(seed, shared=getattr(H, "distributed", False))
-    lanczos = Lanczos(H, rademacher(n, n_probes, gen, H.device), n_iter)
+    lanczos = Lanczos(H, rademacher_matrix(n, n_probes, gen, H.device), n_iter)
     with progress_bar(total=lanczos.max_steps, desc="slq", enable=progress) as bar:
         while not lanczos.done:
             lanczos.step()

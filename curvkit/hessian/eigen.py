@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._progress import progress_bar
-from ._random import Seed, gaussian, make_generator
-from .lanczos import Lanczos, check_operator, operator_eps
+from .._utils.progress import progress_bar
+from .._utils.random import Seed, gaussian, make_generator
+from .lanczos import Lanczos
+from .operator import check_operator, operator_eps
 from .results import EigResult
 
 WHICH = ("LA", "SA", "LM")
@@ -24,7 +25,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
+def error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
     r"""Error bound per Ritz value: min(r, r^2 / gap), the gap measured to the other Ritz values.
 
     |lambda - theta| <= r always holds; r^2 / gap is the sharper (Kato-Temple) bound once the
@@ -84,7 +85,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
                 continue
             theta, S, resid = lanczos.ritz()
             wanted = _order(theta, which)[:k]
-            bounds = _error_bounds(theta, resid)[wanted]
+            bounds = error_bounds(theta, resid)[wanted]
             scale = np.maximum(tol * np.abs(theta[wanted]), floor * np.abs(theta).max())
             converged = bool(np.all(bounds <= scale)) or not bool(lanczos.active[0])
             if converged:
@@ -94,7 +95,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
     if not converged:
         warnings.warn(
             f"eigenvalues: the {k} requested Ritz values did not reach tol={tol} within {lanczos.steps} products "
-            f"(error bounds {_error_bounds(theta, resid)[wanted]}); raise max_matvecs or tol",
+            f"(error bounds {error_bounds(theta, resid)[wanted]}); raise max_matvecs or tol",
             RuntimeWarning, stacklevel=2,
         )
     return EigResult(

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ._model import LossFn, ParamSpec
-from .operator import ModelOperator, reraise_explained
+from .._utils.borrow import LossFn, require_scalar_loss
+from .model import ModelOperator, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -25,10 +25,6 @@ class _Linearisation(NamedTuple):
     u: torch.Tensor
     grads: list[torch.Tensor]
     hessian_out: _OutputHessian
-
-
-def _call_model(model: nn.Module, inputs: Any) -> Any:
-    return model(inputs)
 
 
 def _cross_entropy_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> float | None:
@@ -80,12 +76,7 @@ def _output_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _Ou
     if scale is not None:
         return lambda u: scale * u
     z.requires_grad_()
-    loss = loss_fn(z, targets)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn(outputs, targets) must be a scalar tensor, got {shape}; use a mean reduction")
-    if not torch.isfinite(loss.detach()).all():
-        raise FloatingPointError(f"the loss is {loss.item()} on a batch; check the data and the model")
+    loss = require_scalar_loss(loss_fn(z, targets), "loss_fn(outputs, targets)")
     if not loss.requires_grad:
         return None
     (grad,) = torch.autograd.grad(loss, z, create_graph=True)
@@ -104,8 +95,8 @@ class GGNOperator(ModelOperator):
     G drops the term of the Hessian that carries the model's second derivatives; it is positive
     semi-definite whenever the loss is convex in the outputs (cross-entropy, squared error), and
     equals the Hessian for a model linear in its parameters. A product is J v (double-vjp:
-    J v = d/du (J^T u) . v on the cached graph; per product on CPU MLPs it was 1.4-2.8x faster
-    than ``torch.func.jvp``, which reruns the forward pass), then H_out (closed form for cross-entropy
+    J v = d/du (J^T u) . v on the cached graph, cheaper than ``torch.func.jvp``, which reruns the
+    forward pass), then H_out (closed form for cross-entropy
     and squared error, double backward of ``loss_fn`` otherwise), then J^T. On one batch the outputs'
     graph is built once for all products.
 
@@ -118,19 +109,7 @@ class GGNOperator(ModelOperator):
     >>> top = eigenvalues(G, k=5)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, params: ParamSpec = None,
-                 bn_mode: str = "eval", max_block: int = 16, distributed: bool | None = None,
-                 timeout: float = 300.0, forward: None = None):
-        if forward is not None:
-            raise TypeError(
-                "GGNOperator takes no forward=: it needs the model's outputs and loss_fn(outputs, targets) "
-                "separately, so pass batches (inputs, targets) and a loss_fn; use HessianOperator for forward="
-            )
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be a callable loss_fn(outputs, targets) -> scalar")
-        super().__init__(model, loss_fn, data, params=params, forward=_call_model, bn_mode=bn_mode,
-                         max_block=max_block, distributed=distributed, timeout=timeout)
-        self.loss_fn = loss_fn
+    ACCEPTS_FORWARD = False
 
     def _prepare(self, batch: Any) -> _Linearisation | None:
         """The outputs' graph on private leaves, J^T u for a dual variable u, and H_out (None if G_b = 0)."""
@@ -162,7 +141,7 @@ class GGNOperator(ModelOperator):
         return torch.stack([self._product(state, v) for v in rows])
 
     def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor:
-        chunks = torch.split(v, self._sizes)
+        chunks = torch.split(v, self.sizes)
         vs = [chunks[i].view_as(state.leaves[i]).to(state.leaves[i].dtype) for i in state.live]
         try:
             (jv,) = torch.autograd.grad(state.grads, state.u, vs, retain_graph=True)
@@ -171,7 +150,7 @@ class GGNOperator(ModelOperator):
         live_leaves = [state.leaves[i] for i in state.live]
         jtw = torch.autograd.grad(state.outputs, live_leaves, state.hessian_out(jv), retain_graph=True)
         out = v.new_zeros(v.shape[0])
-        blocks = torch.split(out, self._sizes)
+        blocks = torch.split(out, self.sizes)
         for i, g in zip(state.live, jtw):
             blocks[i].copy_(g.reshape(-1))
         return out

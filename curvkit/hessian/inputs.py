@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._model import BorrowedLoss, LossFn
-from .operator import _DOUBLE_BACKWARD_HINTS
+from .._utils.borrow import BorrowedLoss, LossFn
+from .model import reraise_explained
 
 
 def _example_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``[loss_fn(outputs[i:i+1], targets[i:i+1]) for i]`` as a (B,) tensor, in one vmapped call when possible.
 
-    vmap was ~10x faster than the loop at B = 256 on CPU; losses it cannot batch (data-dependent
-    shapes, e.g. a weighted cross-entropy with label smoothing) are evaluated one example at a time.
+    vmap is much faster than a loop over examples; losses it cannot batch (data-dependent shapes,
+    e.g. a weighted cross-entropy with label smoothing) are evaluated one example at a time.
     """
     def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(o[None], t[None])
@@ -77,12 +77,7 @@ def input_hvp(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: 
         try:
             (hv,) = torch.autograd.grad(grad, x, v.to(grad.dtype))
         except RuntimeError as err:
-            if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
-                raise RuntimeError(
-                    "an operation in the model does not support double backward, which input Hessian-vector "
-                    f"products need ({err}); replace it with a twice-differentiable one"
-                ) from err
-            raise
+            reraise_explained(err, "input Hessian-vector products")
     if not return_grad:
         return hv.detach()
     return hv.detach(), (torch.zeros_like(inputs) if grad is None else grad.detach())

@@ -18,32 +18,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-
-def apply(H: Any, V: torch.Tensor) -> torch.Tensor:
-    """``H @ V`` in float64 for an operator or a dense tensor of any floating dtype.
-
-    A single column goes through ``H @ v`` (operators serve one vector with less overhead).
-    """
-    if isinstance(H, torch.Tensor):
-        return (H @ V.to(H.dtype)).to(torch.float64)
-    if V.dim() == 2 and V.shape[1] == 1:
-        return (H @ V[:, 0]).to(torch.float64)[:, None]
-    return (H @ V).to(torch.float64)
-
-
-def operator_eps(H: Any) -> float:
-    """Machine epsilon of the arithmetic the products are computed in."""
-    return torch.finfo(H.dtype).eps
-
-
-def check_operator(H: Any) -> int:
-    """Validate that ``H`` is square with ``shape``, ``dtype`` and ``@``; return its size."""
-    shape = getattr(H, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
-        raise TypeError(f"expected a square operator with .shape, .dtype and @, got {type(H).__name__} {shape}")
-    if shape[0] == 0:
-        raise ValueError("the operator is empty (n = 0)")
-    return int(shape[0])
+from .operator import matmat_float64, operator_eps
 
 
 class Lanczos:
@@ -96,7 +71,7 @@ class Lanczos:
         """One Lanczos step of every recurrence (one product per row of the basis)."""
         j = self.steps
         q = self.basis[:, j]
-        w = apply(self.H, q.T).T.contiguous()
+        w = matmat_float64(self.H, q.T).T.contiguous()
         alpha = self._dot(q, w)
         previous = self.basis[:, : j + 1]
         for _ in range(2):  # classical Gram-Schmidt twice against the whole basis

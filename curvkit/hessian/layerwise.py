@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any, Union
 
 import numpy as np
@@ -18,96 +19,138 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._progress import progress_bar
-from ._random import Seed, gaussian, make_generator, rademacher
-from .eigen import _error_bounds
-from .lanczos import SegmentedLanczos, apply
-from .operator import HessianOperator
+from .._utils.layers import WEIGHT_LAYERS, qualified
+from .._utils.progress import progress_bar
+from .._utils.random import Seed, gaussian, make_generator, rademacher_matrix
+from .._utils.stats import RunningMoments
+from ._probing import PILOT, check_budget
+from .eigen import error_bounds
+from .factory import OperatorSpec, build_operator
+from .lanczos import SegmentedLanczos
+from .operator import matmat_float64
 
 STATS = ("trace", "top_eig", "mean_eig")
-PILOT = 10
-_CHANNEL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 By = Union[str, "re.Pattern[str]"]
 
 
-def _groups(model: nn.Module, H: HessianOperator, by: By) -> tuple[list[dict], torch.Tensor]:
-    """Row labels and the group index of every coordinate of ``H`` (-1: in no group)."""
-    offsets = dict(zip(H.param_names, np.cumsum([0, *H._sizes[:-1]]).tolist()))
-    ids = torch.full((H.shape[0],), -1, dtype=torch.long)
-    labels: list[dict] = []
+Groups = tuple[list[dict], torch.Tensor]
 
-    def add(label: dict, spans: list[tuple[int, int]]) -> None:
+
+class _Grouping:
+    """Collects groups: a row label each, and the group index of every coordinate (-1: in no group)."""
+
+    def __init__(self, H: Any):
+        self.H = H
+        self.offsets = dict(zip(H.param_names, H.offsets))
+        self.ids = torch.full((H.shape[0],), -1, dtype=torch.long)
+        self.labels: list[dict] = []
+
+    def span(self, name: str) -> tuple[int, int]:
+        """The coordinates of parameter ``name``."""
+        start = self.offsets[name]
+        return start, start + self.H.sizes[self.H.param_names.index(name)]
+
+    def add(self, label: dict, spans: list[tuple[int, int]]) -> None:
         for start, stop in spans:
-            ids[start:stop] = len(labels)
-        labels.append(label)
+            self.ids[start:stop] = len(self.labels)
+        self.labels.append(label)
 
-    def span(name: str, numel: int | None = None) -> tuple[int, int]:
-        start = offsets[name]
-        return start, start + (numel if numel is not None else H._sizes[H.param_names.index(name)])
 
-    if by == "module":
-        for mod_name, module in model.named_modules():
-            names = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
-            names = [n for n in names if n in offsets]
-            if names:
-                add({"module": mod_name}, [span(n) for n in names])
-    elif by == "parameter":
-        for name in H.param_names:
-            add({"parameter": name}, [span(name)])
-    elif by == "channel":
-        for mod_name, module in model.named_modules():
-            if not isinstance(module, _CHANNEL_MODULES):
-                continue
-            weight, bias = (f"{mod_name}.{n}" if mod_name else n for n in ("weight", "bias"))
-            if weight not in offsets:
-                continue
-            out_channels, per_channel = module.weight.shape[0], module.weight[0].numel()
-            for c in range(out_channels):
-                spans = [(offsets[weight] + c * per_channel, offsets[weight] + (c + 1) * per_channel)]
-                if bias in offsets:
-                    spans.append((offsets[bias] + c, offsets[bias] + c + 1))
-                add({"module": mod_name, "channel": c}, spans)
-    else:
-        pattern = re.compile(by) if isinstance(by, str) else by
+def _by_module(model: nn.Module, g: _Grouping) -> None:
+    for mod_name, module in model.named_modules():
+        names = [qualified(mod_name, n) for n, _ in module.named_parameters(recurse=False)]
+        names = [n for n in names if n in g.offsets]
+        if names:
+            g.add({"module": mod_name}, [g.span(n) for n in names])
+
+
+def _by_parameter(model: nn.Module, g: _Grouping) -> None:
+    for name in g.H.param_names:
+        g.add({"parameter": name}, [g.span(name)])
+
+
+def _by_channel(model: nn.Module, g: _Grouping) -> None:
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, WEIGHT_LAYERS):
+            continue
+        for c, spans in enumerate(channel_spans(g.offsets, mod_name, module)):
+            g.add({"module": mod_name, "channel": c}, spans)
+
+
+def channel_spans(offsets: dict[str, int], mod_name: str, module: nn.Module) -> list[list[tuple[int, int]]]:
+    """The coordinates of every output channel c of a weight layer: weight[c] and, if selected, bias[c].
+
+    Args:
+        offsets: where each selected parameter starts in a flat vector, by full name.
+        mod_name: the layer's name in the model.
+        module: the Linear/Conv layer.
+
+    Returns:
+        A list of spans ``[(start, stop), ...]`` per channel; empty when the weight is not selected.
+    """
+    weight, bias = qualified(mod_name, "weight"), qualified(mod_name, "bias")
+    if weight not in offsets:
+        return []
+    per_channel = module.weight[0].numel()
+    channels = []
+    for c in range(module.weight.shape[0]):
+        spans = [(offsets[weight] + c * per_channel, offsets[weight] + (c + 1) * per_channel)]
+        if bias in offsets:
+            spans.append((offsets[bias] + c, offsets[bias] + c + 1))
+        channels.append(spans)
+    return channels
+
+
+def _by_pattern(pattern: re.Pattern[str]) -> Callable[[nn.Module, _Grouping], None]:
+    def group(model: nn.Module, g: _Grouping) -> None:
         keys: dict[str, list] = {}
-        for name in H.param_names:
+        for name in g.H.param_names:
             match = pattern.search(name)
             if match:
-                keys.setdefault(match.group(0), []).append(span(name))
+                keys.setdefault(match.group(0), []).append(g.span(name))
         for key, spans in keys.items():
-            add({"group": key}, spans)
-    if not labels:
+            g.add({"group": key}, spans)
+    return group
+
+
+GROUPINGS: dict[str, Callable[[nn.Module, _Grouping], None]] = {
+    "module": _by_module, "parameter": _by_parameter, "channel": _by_channel,
+}
+
+
+def _groups(model: nn.Module, H: Any, by: By) -> Groups:
+    """Row labels and the group index of every coordinate of ``H`` (-1: in no group)."""
+    grouping = _Grouping(H)
+    group = GROUPINGS.get(by) if isinstance(by, str) else None
+    if group is None:
+        group = _by_pattern(re.compile(by) if isinstance(by, str) else by)
+    group(model, grouping)
+    if not grouping.labels:
         raise ValueError(f"by={by!r} forms no group from the parameters {H.param_names[:5]}...; "
-                         "use 'module', 'parameter', 'channel' or a regex that matches parameter names")
-    return labels, ids
+                         f"use one of {tuple(GROUPINGS)} or a regex that matches parameter names")
+    return grouping.labels, grouping.ids
 
 
 def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget: int, gen: torch.Generator,
                   progress: bool | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Hutchinson traces of all diagonal blocks from shared probes, until every block reaches ``rtol``."""
     n = H.shape[0]
-    valid = ids >= 0
-    index = ids[valid].to(H.device)
-    total = torch.zeros(n_groups, dtype=torch.float64, device=H.device)
-    total_sq = torch.zeros_like(total)
-    used, block = 0, PILOT
+    valid = (ids >= 0).to(H.device)
+    index = ids[ids >= 0].to(H.device)
+    moments = RunningMoments(n_groups, device=H.device)
+    block = PILOT
     with progress_bar(total=budget, desc="block traces", enable=progress) as bar:
-        while used < budget:
-            k = min(block, budget - used)
-            Z = rademacher(n, k, gen, H.device)
-            samples = (Z * apply(H, Z))[valid.to(H.device)]
-            per_group = samples.new_zeros(n_groups, k).index_add_(0, index, samples)
-            total += per_group.sum(1)
-            total_sq += per_group.square().sum(1)
-            used += k
+        while moments.count < budget:
+            k = min(block, budget - moments.count)
+            Z = rademacher_matrix(n, k, gen, H.device)
+            samples = (Z * matmat_float64(H, Z))[valid]
+            moments.add(samples.new_zeros(n_groups, k).index_add_(0, index, samples))
             bar.update(k)
-            mean = total / used
-            stderr = ((total_sq - used * mean.square()).clamp_min(0) / max(used - 1, 1) / used).sqrt()
-            if used >= PILOT and bool((stderr <= rtol * mean.abs()).all()):
+            if moments.count >= PILOT and bool((moments.stderr <= rtol * moments.mean.abs()).all()):
                 break
-            if not H.single_batch:
-                block = min(2 * block, H.max_block)
-    return mean.cpu(), stderr.cpu(), used
+            if not getattr(H, "single_batch", True):
+                block = min(2 * block, getattr(H, "max_block", block))
+    return moments.mean.cpu(), moments.stderr.cpu(), moments.count
 
 
 class _BlockDiagonal:
@@ -127,7 +170,7 @@ class _BlockDiagonal:
             for start in range(0, self._groups, self._chunk):
                 groups = torch.arange(start, min(start + self._chunk, self._groups), device=V.device)
                 masks = (self._ids[:, None] == groups[None, :]).to(torch.float64)
-                out[:, j] += (apply(self.H, masks * V[:, j:j + 1]) * masks).sum(1)
+                out[:, j] += (matmat_float64(self.H, masks * V[:, j:j + 1]) * masks).sum(1)
         return out
 
 
@@ -144,7 +187,7 @@ def _block_top_eigenvalues(H: Any, ids: torch.Tensor, n_groups: int, tol: float,
             bar.update(1)
             for g in range(n_groups):
                 theta, _, resid = lanczos.ritz(g)
-                top[g], bounds[g] = theta[-1], _error_bounds(theta, resid)[-1]
+                top[g], bounds[g] = theta[-1], error_bounds(theta, resid)[-1]
             if np.all(bounds <= tol * np.maximum(np.abs(top), 1e-12)):
                 break
     return top, bounds
@@ -152,20 +195,46 @@ def _block_top_eigenvalues(H: Any, ids: torch.Tensor, n_groups: int, tol: float,
 
 def layerwise(model: nn.Module, loss_fn: Any, data: Any, stats: tuple[str, ...] | None = None, by: By = "module",
               seed: Seed = 0, *, rtol: float = 0.05, max_matvecs: int | None = None, eig_tol: float = 1e-3,
-              eig_steps: int = 50, progress: bool | None = None, **operator_kwargs: Any) -> pd.DataFrame:
-    r"""Curvature statistics of every diagonal block of the Hessian, one row per group.
+              eig_steps: int = 50, progress: bool | None = None, operator: OperatorSpec = "hessian",
+              **operator_kwargs: Any) -> pd.DataFrame:
+    r"""Curvature statistics of every diagonal block of the Hessian (or GGN), one row per group.
 
-    ``by``: ``"module"`` (each module that owns parameters, in ``named_modules`` order),
-    ``"parameter"``, ``"channel"`` (every output channel c of Linear/Conv weights: weight[c] and
-    bias[c]), or a regex whose match in the parameter name is the group key. ``stats`` (default
-    ``("trace", "top_eig")``, ``("trace",)`` for channels) from ``"trace"`` (with ``trace_stderr``;
-    shared probes until every block's relative standard error is below ``rtol`` or
-    ``max_matvecs`` products), ``"top_eig"`` (Lanczos on each block H_gg, relative error bound
-    ``eig_tol``) and ``"mean_eig"`` (trace / n_params). Extra keyword arguments go to
-    :class:`HessianOperator` (``params``, ``forward``, ``bn_mode``, ``max_block``, ``distributed``).
+    Traces of all blocks come from shared full products (:math:`E[z_g^\top (Hz)_g] = \mathrm{tr}\,H_{gg}`),
+    top eigenvalues from one lock-step Lanczos recurrence per block.
 
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
     >>> df = layerwise(model, F.cross_entropy, (x, y), seed=0)
-    >>> df[["module", "n_params", "trace", "trace_stderr", "top_eig"]]
+    >>> df.columns.tolist()
+    ['module', 'n_params', 'trace', 'trace_stderr', 'top_eig']
+
+    Args:
+        model: the model (borrowed, never mutated).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        data: one batch or a re-iterable of batches.
+        stats: from ``"trace"`` (with ``trace_stderr``; shared probes until every block's relative standard
+            error is below ``rtol`` or ``max_matvecs`` products), ``"top_eig"`` (Lanczos on each block
+            :math:`H_{gg}`, relative error bound ``eig_tol``) and ``"mean_eig"`` (trace / n_params); default
+            ``("trace", "top_eig")``, ``("trace",)`` for channels.
+        by: ``"module"`` (each module that owns parameters, in ``named_modules`` order), ``"parameter"``,
+            ``"channel"`` (every output channel c of Linear/Conv weights: weight[c] and bias[c]), or a regex
+            whose match in the parameter name is the group key.
+        seed: an int, a ``torch.Generator`` or None for the probes.
+        rtol: the relative standard error every block trace should reach.
+        max_matvecs: the trace's product budget (default 500).
+        eig_tol: the relative error bound of the block eigenvalues.
+        eig_steps: the most Lanczos steps for the block eigenvalues.
+        progress: show progress bars (None: when stderr is a terminal).
+        operator: ``"hessian"``, ``"ggn"`` or a factory ``operator(model, loss_fn, data, **kwargs)``.
+        **operator_kwargs: passed to the operator (``params``, ``forward``, ``bn_mode``, ``max_block``,
+            ``distributed``).
+
+    Returns:
+        A DataFrame with the group labels, ``n_params`` and the requested statistics; ``df.attrs["matvecs"]``
+        counts the products.
+
+    Raises:
+        ValueError: unknown stats, a non-positive ``rtol``, ``max_matvecs`` below 2, or groups that match nothing.
     """
     channel = by == "channel"
     stats = (("trace",) if channel else ("trace", "top_eig")) if stats is None else tuple(stats)
@@ -174,16 +243,14 @@ def layerwise(model: nn.Module, loss_fn: Any, data: Any, stats: tuple[str, ...] 
         raise ValueError(f"stats must be a non-empty subset of {STATS}, got {stats!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
-    H = HessianOperator(model, loss_fn, data, **operator_kwargs)
+    H = build_operator(operator, model, loss_fn, data, **operator_kwargs)
     labels, ids = _groups(model, H, by)
     G = len(labels)
     df = pd.DataFrame(labels)
     df["n_params"] = torch.bincount(ids[ids >= 0], minlength=G).numpy()
-    gen = make_generator(seed, shared=H.distributed)
+    gen = make_generator(seed, shared=getattr(H, "distributed", False))
     if "trace" in stats or "mean_eig" in stats:
-        budget = 500 if max_matvecs is None else int(max_matvecs)
-        if budget < 2:
-            raise ValueError(f"max_matvecs={max_matvecs} is too small: a standard error needs at least 2 products")
+        budget = check_budget(max_matvecs, 500)
         mean, stderr, used = _block_traces(H, ids, G, rtol, budget, gen, progress)
         if "trace" in stats:
             df["trace"], df["trace_stderr"] = mean.numpy(), stderr.numpy()

@@ -1,4 +1,4 @@
-r"""Stochastic trace and diagonal estimation with honest error bars.
+r"""Stochastic trace estimation with honest error bars.
 
 Hutchinson: for Rademacher z, E[z^T H z] = tr H with variance 2 sum_{i != j} H_ij^2 per probe.
 XTrace (Epperly, Tropp & Webber 2024) spends products on a sketch Q of range(H Omega) and
@@ -13,96 +13,47 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from scipy.stats import t as student_t
 
-from ._progress import progress_bar
-from ._random import Seed, make_generator, rademacher
-from .lanczos import apply, check_operator, operator_eps
-from .results import DiagResult, TraceResult
+from .._utils.progress import progress_bar
+from .._utils.random import Seed, make_generator, rademacher_matrix
+from ._probing import PILOT, ProductBudget, check_budget, exact_diagonal, mean_and_error, reached
+from .operator import check_operator, operator_eps
+from .results import TraceResult
 
-METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
-PILOT = 10          # probes before the first stopping decision (enough for a usable standard error)
-BLOCK = 10          # first probe block; blocks double up to the operator's max_block (one data pass each)
 DEFAULT_TRACE_BUDGET = 1000
-DEFAULT_DIAG_BUDGET = 100
 LOW_RANK_SHARE = 0.25   # auto: XTrace when a rank-5 sketch leaves less than this share of ||H||_F^2
 
 
-class _Products:
-    """Counts products against a budget, advances the progress bar, and sizes probe blocks.
-
-    Blocks start at ``BLOCK`` probes and double up to the operator's ``max_block``, so a dataset
-    operator builds each batch's graph once per block while stopping checks stay frequent early.
-    """
-
-    def __init__(self, H: Any, budget: int, bar):
-        self.H, self.budget, self.used, self.bar = H, budget, 0, bar
-        self._block = BLOCK
-
-    @property
-    def left(self) -> int:
-        return self.budget - self.used
-
-    def next_block(self) -> int:
-        """Size of the next probe block (within the budget)."""
-        size = min(self._block, self.left)
-        if not getattr(self.H, "single_batch", True):
-            self._block = min(2 * self._block, self.H.max_block)
-        return size
-
-    def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        self.used += V.shape[1]
-        self.bar.update(V.shape[1])
-        return apply(self.H, V)
-
-
-def _mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
-    m = samples.numel()
-    mean = float(samples.mean())
-    return mean, (float(samples.std()) / math.sqrt(m) if m > 1 else math.inf)
-
-
-def _reached(samples: torch.Tensor, rtol: float) -> bool:
-    mean, se = _mean_and_error(samples)
-    return samples.numel() >= 2 and se <= rtol * abs(mean)
-
-
-def _result(estimate: float, stderr: float, dof: int, matvecs: int, method: str, rtol: float) -> TraceResult:
+def _trace_result(estimate: float, stderr: float, dof: int, matvecs: int, method: str, rtol: float) -> TraceResult:
     half = 0.0 if stderr == 0 else float(student_t.ppf(0.975, max(dof, 1))) * stderr
     converged = stderr <= rtol * abs(estimate)
     return TraceResult(estimate, stderr, (estimate - half, estimate + half), matvecs, method, converged)
 
 
-def _exact_diagonal(products: _Products, n: int) -> torch.Tensor:
-    """diag(H) from products with unit vectors, a block at a time."""
-    device = products.H.device
-    diag = torch.empty(n, dtype=torch.float64, device=device)
-    for start in range(0, n, BLOCK):
-        rows = torch.arange(start, min(start + BLOCK, n), device=device)
-        cols = torch.arange(rows.numel(), device=device)
-        E = torch.zeros(n, rows.numel(), dtype=torch.float64, device=device)
-        E[rows, cols] = 1.0
-        diag[rows] = products(E)[rows, cols]
-    return diag
+def _exact_trace(products: ProductBudget, rtol: float) -> TraceResult:
+    n = products.H.shape[0]
+    return _trace_result(float(exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
 
 
-def _hutchinson(products: _Products, gen, samples: torch.Tensor, rtol: float) -> torch.Tensor:
+def _hutchinson(products: ProductBudget, gen, samples: torch.Tensor, rtol: float) -> torch.Tensor:
     """Add Rademacher probes z^T H z, a block at a time, until ``rtol`` or the budget is reached."""
     n = products.H.shape[0]
-    while products.left > 0 and not _reached(samples, rtol):
-        Z = rademacher(n, products.next_block(), gen, products.H.device)
+    while products.left > 0 and not reached(samples, rtol):
+        Z = rademacher_matrix(n, products.next_block(), gen, products.H.device)
         samples = torch.cat([samples, (Z * products(Z)).sum(0).cpu()])
     return samples
 
 
 def _hutchinson_needs_more_than(samples: torch.Tensor, rtol: float, n: int) -> bool:
     """Whether Hutchinson, at the pilot's variance, would need at least ``n`` probes to reach ``rtol``."""
-    if _reached(samples, rtol):
+    if reached(samples, rtol):
         return False
-    mean, se = _mean_and_error(samples)
+    mean, se = mean_and_error(samples)
     std = se * math.sqrt(samples.numel())
     return mean == 0 or (std / (rtol * abs(mean))) ** 2 >= n
 
@@ -116,7 +67,7 @@ def _residual_share(Z: torch.Tensor, HZ: torch.Tensor) -> float:
     return float(rest.square().sum() / test.square().sum().clamp_min(1e-300))
 
 
-def _extend_basis(products: _Products, Q: torch.Tensor, Z: torch.Tensor, Y_new: torch.Tensor,
+def _extend_basis(products: ProductBudget, Q: torch.Tensor, Z: torch.Tensor, Y_new: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Orthonormal Q spanning [Q, Y_new] and Z = H Q; ``captured`` when Y_new is rank deficient.
 
@@ -155,7 +106,7 @@ def _xtrace_samples(Omega: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor, Z: to
     return (low + quad).cpu()
 
 
-def _xtrace(products: _Products, gen, Omega: torch.Tensor, Y: torch.Tensor, rtol: float) -> TraceResult:
+def _xtrace(products: ProductBudget, gen, Omega: torch.Tensor, Y: torch.Tensor, rtol: float) -> TraceResult:
     """Adaptive XTrace: double the number of test vectors until ``rtol`` or the budget is reached."""
     n = products.H.shape[0]
     eps = operator_eps(products.H)
@@ -166,32 +117,76 @@ def _xtrace(products: _Products, gen, Omega: torch.Tensor, Y: torch.Tensor, rtol
         Q, Z, captured = _extend_basis(products, Q, Z, Y_new, eps)
         if captured:
             exact = float((Q * Z).sum())
-            return _result(exact, 0.0, 1, products.used, "xtrace", 1.0)
+            return _trace_result(exact, 0.0, 1, products.used, "xtrace", 1.0)
         samples = _xtrace_samples(Omega, Y, Q, Z)
         add = min(Omega.shape[1], products.left // 2)
-        if _reached(samples, rtol) or add < 1:
-            mean, se = _mean_and_error(samples)
-            return _result(mean, se, samples.numel() - 1, products.used, "xtrace", rtol)
-        Omega_new = rademacher(n, add, gen, Omega.device)
+        if reached(samples, rtol) or add < 1:
+            mean, se = mean_and_error(samples)
+            return _trace_result(mean, se, samples.numel() - 1, products.used, "xtrace", rtol)
+        Omega_new = rademacher_matrix(n, add, gen, Omega.device)
         Y_new = products(Omega_new)
         Omega, Y = torch.cat([Omega, Omega_new], 1), torch.cat([Y, Y_new], 1)
 
 
-def _hutchplusplus(products: _Products, gen, rtol: float) -> TraceResult:
+def _hutchplusplus(products: ProductBudget, gen, rtol: float) -> TraceResult:
     """Hutch++: exact trace on a sketch of a third of the budget, Hutchinson on the deflated rest."""
     n = products.H.shape[0]
     device = products.H.device
     s = max(1, min(products.budget // 3, 50))
-    HS = products(rademacher(n, s, gen, device))
+    HS = products(rademacher_matrix(n, s, gen, device))
     Q, _ = torch.linalg.qr(HS)
     low = float((Q * products(Q)).sum())
     samples = torch.zeros(0, dtype=torch.float64)
-    while products.left > 0 and not _reached(samples + low, rtol):
-        G = rademacher(n, products.next_block(), gen, device)
+    while products.left > 0 and not reached(samples + low, rtol):
+        G = rademacher_matrix(n, products.next_block(), gen, device)
         G -= Q @ (Q.T @ G)
         samples = torch.cat([samples, (G * products(G)).sum(0).cpu()])
-    mean, se = _mean_and_error(samples)
-    return _result(low + mean, se, samples.numel() - 1, products.used, "hutch++", rtol)
+    mean, se = mean_and_error(samples)
+    return _trace_result(low + mean, se, samples.numel() - 1, products.used, "hutch++", rtol)
+
+
+class _Pilot(NamedTuple):
+    """The first probes Z, their products HZ, and the Hutchinson samples z^T H z."""
+
+    Z: torch.Tensor
+    HZ: torch.Tensor
+    samples: torch.Tensor
+
+
+def _pilot(products: ProductBudget, gen: torch.Generator) -> _Pilot:
+    Z = rademacher_matrix(products.H.shape[0], min(PILOT, products.budget), gen, products.H.device)
+    HZ = products(Z)
+    return _Pilot(Z, HZ, (Z * HZ).sum(0).cpu())
+
+
+def _by_hutchinson(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
+    """Hutchinson from the pilot on, or the exact trace when Hutchinson would need n products or more."""
+    n = products.H.shape[0]
+    if _hutchinson_needs_more_than(pilot.samples, rtol, n) and n <= products.left:
+        return _exact_trace(products, rtol)
+    samples = _hutchinson(products, gen, pilot.samples, rtol)
+    mean, se = mean_and_error(samples)
+    return _trace_result(mean, se, samples.numel() - 1, products.used, "hutchinson", rtol)
+
+
+def _by_xtrace(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
+    return _xtrace(products, gen, pilot.Z, pilot.HZ, rtol)
+
+
+def _by_hutchplusplus(products: ProductBudget, gen, rtol: float, pilot: None) -> TraceResult:
+    return _hutchplusplus(products, gen, rtol)
+
+
+def _auto(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
+    """XTrace when a sketch from half the pilot captures most of ||H||_F^2, Hutchinson otherwise."""
+    low_rank = (not reached(pilot.samples, rtol) and products.H.shape[0] >= 4 * PILOT
+                and _residual_share(pilot.Z, pilot.HZ) < LOW_RANK_SHARE)
+    return (_by_xtrace if low_rank else _by_hutchinson)(products, gen, rtol, pilot)
+
+
+METHODS: dict[str, Callable[..., TraceResult]] = {
+    "auto": _auto, "hutchinson": _by_hutchinson, "hutch++": _by_hutchplusplus, "xtrace": _by_xtrace,
+}
 
 
 def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: str = "auto",
@@ -199,43 +194,46 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
     r"""Estimate tr(H) until the relative standard error reaches ``rtol`` or ``max_matvecs`` products.
 
     Returns the estimate, its standard error and a 95% Student-t interval. ``method="auto"`` runs
-    a 10-probe Hutchinson pilot, measures how much of ||H||_F^2 a small sketch captures, and
+    a 10-probe Hutchinson pilot, measures how much of :math:`\|H\|_F^2` a small sketch captures, and
     continues with XTrace (spectrum dominated by a few eigenvalues) or Hutchinson (spread out),
     reusing every pilot product. When the budget would exceed ``n`` anyway, the trace is computed
-    exactly from n unit-vector products (standard error 0).
+    exactly from n unit-vector products (standard error 0). Every method but ``"hutch++"`` starts
+    from the same pilot.
 
+    >>> H = torch.diag(torch.linspace(1.0, 2.0, 50, dtype=torch.float64))
     >>> res = trace(H, rtol=0.02, seed=0)
-    >>> res.estimate, res.stderr, res.ci95
+    >>> round(res.estimate, 6), res.stderr, res.method
+    (75.0, 0.0, 'hutchinson')
+
+    Args:
+        H: a square operator (or dense tensor).
+        rtol: the relative standard error to reach.
+        max_matvecs: the product budget (default 1000).
+        method: ``"auto"``, ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        seed: an int, a ``torch.Generator`` or None (fresh entropy) for the probes.
+        progress: show a progress bar (None: when stderr is a terminal).
+
+    Returns:
+        A :class:`~curvkit.hessian.results.TraceResult`; ``converged`` is False (with a warning) when
+        ``rtol`` was not reached within the budget (the interval is still honest).
+
+    Raises:
+        ValueError: an unknown method, a non-positive ``rtol``, ``max_matvecs`` below 2, an empty operator.
+        TypeError: ``H`` is not a square operator.
     """
     n = check_operator(H)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
-    budget = DEFAULT_TRACE_BUDGET if max_matvecs is None else int(max_matvecs)
-    if budget < 2:
-        raise ValueError(f"max_matvecs={max_matvecs} is too small: a standard error needs at least 2 products")
+    budget = check_budget(max_matvecs, DEFAULT_TRACE_BUDGET)
     gen = make_generator(seed, shared=getattr(H, "distributed", False))
     with progress_bar(total=min(budget, n) if n <= PILOT else budget, desc="trace", enable=progress) as bar:
-        products = _Products(H, budget, bar)
+        products = ProductBudget(H, budget, bar)
         if n <= min(PILOT, budget):
-            return _result(float(_exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
-        if method == "hutch++":
-            result = _hutchplusplus(products, gen, rtol)
-        else:
-            Z = rademacher(n, min(PILOT, budget), gen, H.device)
-            HZ = products(Z)
-            samples = (Z * HZ).sum(0).cpu()
-            low_rank = method == "xtrace" or (method == "auto" and not _reached(samples, rtol)
-                                              and n >= 4 * PILOT and _residual_share(Z, HZ) < LOW_RANK_SHARE)
-            if low_rank:
-                result = _xtrace(products, gen, Z, HZ, rtol)
-            elif _hutchinson_needs_more_than(samples, rtol, n) and n <= products.left:
-                return _result(float(_exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
-            else:
-                samples = _hutchinson(products, gen, samples, rtol)
-                mean, se = _mean_and_error(samples)
-                result = _result(mean, se, samples.numel() - 1, products.used, "hutchinson", rtol)
+            return _exact_trace(products, rtol)
+        pilot = None if method == "hutch++" else _pilot(products, gen)
+        result = METHODS[method](products, gen, rtol, pilot)
     if not result.converged:
         warnings.warn(
             f"trace: relative standard error {result.stderr / max(abs(result.estimate), 1e-300):.3g} did not reach "
@@ -243,37 +241,3 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
             RuntimeWarning, stacklevel=2,
         )
     return result
-
-
-def diagonal(H: Any, max_matvecs: int | None = None, seed: Seed = None,
-             progress: bool | None = None) -> DiagResult:
-    r"""Estimate diag(H) with per-entry standard errors.
-
-    Hutchinson: mean over Rademacher probes of z * (H z); entry i has variance sum_{j != i} H_ij^2
-    per probe, so many probes are needed for small relative errors. When ``n <= max_matvecs`` the
-    diagonal is computed exactly from unit-vector products (standard error 0) instead.
-
-    >>> d = diagonal(H, max_matvecs=200, seed=0)
-    >>> d.estimate, d.stderr
-    """
-    n = check_operator(H)
-    budget = DEFAULT_DIAG_BUDGET if max_matvecs is None else int(max_matvecs)
-    if budget < 2:
-        raise ValueError(f"max_matvecs={max_matvecs} is too small: a standard error needs at least 2 products")
-    gen = make_generator(seed, shared=getattr(H, "distributed", False))
-    with progress_bar(total=min(n, budget), desc="diagonal", enable=progress) as bar:
-        products = _Products(H, budget, bar)
-        if n <= budget:
-            diag = _exact_diagonal(products, n)
-            return DiagResult(diag, torch.zeros(n, dtype=torch.float64), products.used)
-        total = torch.zeros(n, dtype=torch.float64, device=H.device)
-        total_sq = torch.zeros_like(total)
-        while products.left > 0:
-            Z = rademacher(n, products.next_block(), gen, H.device)
-            D = Z * products(Z)
-            total += D.sum(1)
-            total_sq += D.square().sum(1)
-        m = products.used
-        mean = total / m
-        var = (total_sq - m * mean.square()).clamp_min(0) / (m - 1)
-        return DiagResult(mean, (var / m).sqrt(), m)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import kernels
-from ..hessian._random import make_generator
+from .._utils.random import make_generator
 
 Estimator = Union[str, Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Generator], list]]
 ESTIMATORS = ("hutchinson", "gnb")

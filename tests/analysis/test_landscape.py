@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from curvkit.analysis import direction_to, eigen_direction, landscape_1d, landscape_2d, random_direction
 from curvkit.hessian import HessianOperator, eigenvalues
-from tests.conftest import _model_and_hessian
+from tests._models import hessian_case
 
 
 def _loss_at(model, data, directions, coeffs):
@@ -25,7 +25,7 @@ def _loss_at(model, data, directions, coeffs):
 
 
 def test_filter_normalisation_matches_filter_norms_and_zeroes_biases():
-    model, _, _ = _model_and_hessian("conv_bn")
+    model, _, _ = hessian_case("conv_bn")
     d = random_direction(model, seed=0)
     for name, p in model.named_parameters():
         if p.dim() <= 1:
@@ -41,7 +41,7 @@ def test_filter_normalisation_matches_filter_norms_and_zeroes_biases():
 
 
 def test_directions_are_reproducible_and_seed_dependent():
-    model, _, _ = _model_and_hessian("tanh_mlp")
+    model, _, _ = hessian_case("tanh_mlp")
     a, b, c = random_direction(model, seed=3), random_direction(model, seed=3), random_direction(model, seed=4)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["0.weight"], c["0.weight"])
@@ -50,7 +50,7 @@ def test_directions_are_reproducible_and_seed_dependent():
 
 
 def test_landscape_centre_and_off_centre_points_are_exact_and_model_untouched():
-    model, data, _ = _model_and_hessian("conv_bn")
+    model, data, _ = hessian_case("conv_bn")
     before = copy.deepcopy(model.state_dict())
     d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
     ls = landscape_2d(model, F.cross_entropy, data, d1, d2, span=(-1, 1), steps=5, progress=False)
@@ -61,7 +61,7 @@ def test_landscape_centre_and_off_centre_points_are_exact_and_model_untouched():
 
 
 def test_dataset_average_and_one_point_per_call_agree():
-    model, (x, y), _ = _model_and_hessian("tanh_mlp")
+    model, (x, y), _ = hessian_case("tanh_mlp")
     d = random_direction(model, seed=0)
     whole = landscape_1d(model, F.cross_entropy, (x, y), d, steps=7, progress=False)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
@@ -70,7 +70,7 @@ def test_dataset_average_and_one_point_per_call_agree():
 
 
 def test_eigen_directions_are_unit_hessian_eigenvectors():
-    model, data, D = _model_and_hessian("gelu_mlp")
+    model, data, D = hessian_case("gelu_mlp")
     d1, d2 = eigen_direction(model, F.cross_entropy, data, k=2)
     H = HessianOperator(model, F.cross_entropy, data)
     v1 = H.flatten([d1[n] for n in H.param_names])
@@ -81,7 +81,7 @@ def test_eigen_directions_are_unit_hessian_eigenvectors():
 
 
 def test_interpolation_between_two_weight_sets():
-    model, data, _ = _model_and_hessian("tanh_mlp")
+    model, data, _ = hessian_case("tanh_mlp")
     other = copy.deepcopy(model)
     with torch.no_grad():
         for p in other.parameters():
@@ -95,7 +95,7 @@ def test_interpolation_between_two_weight_sets():
 
 @pytest.mark.parametrize("kind", ["contour", "surface", "heatmap"])
 def test_figures_are_written(tmp_path, kind):
-    model, data, _ = _model_and_hessian("tanh_mlp")
+    model, data, _ = hessian_case("tanh_mlp")
     ls = landscape_2d(model, F.cross_entropy, data, random_direction(model, seed=0), random_direction(model, seed=1),
                       steps=4, progress=False)
     ls.plot(kind=kind, log=kind != "surface").savefig(tmp_path / f"{kind}.png")

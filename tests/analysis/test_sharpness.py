@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.analysis import SharpnessTracker
-from curvkit.demo import load_digits_tensors
+from curvkit.datasets import load_digits_tensors
 from curvkit.hessian import HessianOperator, eigenvalues
 
 

@@ -21,8 +21,8 @@ from curvkit.compress import (
     remove_channels,
     sensitivity,
 )
-from curvkit.demo import load_digits_tensors
-from tests.conftest import _model_and_hessian
+from curvkit.datasets import load_digits_tensors
+from tests._models import hessian_case
 
 
 @functools.cache
@@ -53,7 +53,7 @@ def _accuracy(model, data):
 
 
 def test_channel_traces_match_exact_blocks_in_rank():
-    model, data, D = _model_and_hessian("conv_bn")
+    model, data, D = hessian_case("conv_bn")
     sens = sensitivity(model, F.cross_entropy, data, granularity="channel", rtol=0.01, max_matvecs=3000, seed=0,
                        progress=False)
     exact = []

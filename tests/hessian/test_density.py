@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.stats import wasserstein_distance
 
 from curvkit.hessian import HessianOperator, density
-from tests.conftest import spectrum_matrix
+from tests._models import spectrum_matrix
 
 
 def test_quadrature_matches_exact_spectrum_in_wasserstein_distance():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from curvkit.hessian import HessianOperator, eigenvalues
-from tests.conftest import spectrum_matrix
+from tests._models import spectrum_matrix
 
 
 def test_extreme_eigenvalues_of_networks_match_dense(model_and_hessian):

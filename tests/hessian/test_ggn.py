@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from curvkit.hessian import GGNOperator, HessianOperator, eigenvalues
-from tests.conftest import MODEL_KINDS, assert_untouched_by, dense_hessian, make_model
+from tests._models import MODEL_KINDS, assert_untouched_by, dense_hessian, make_model
 
 
 def dense_ggn(model, loss_fn, batches, names=None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import input_hvp
-from tests.conftest import assert_untouched_by, make_model
+from tests._models import assert_untouched_by, make_model
 
 
 def _per_example(model, loss_fn, x, y, v):

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 
 from curvkit.hessian import layerwise
 from curvkit.hessian.lanczos import SegmentedLanczos
-from tests.conftest import _model_and_hessian, spectrum_matrix
+from tests._models import hessian_case, spectrum_matrix
 
 
 def _blocks(model, D, groups):
@@ -38,7 +38,7 @@ def _module_groups(model):
 
 @pytest.mark.parametrize("kind", ["conv_bn", "gelu_mlp"])
 def test_module_traces_and_top_eigenvalues_match_dense_blocks(kind):
-    model, data, D = _model_and_hessian(kind)
+    model, data, D = hessian_case(kind)
     blocks = _blocks(model, D, _module_groups(model))
     df = layerwise(model, F.cross_entropy, data, rtol=0.02, max_matvecs=4000, eig_tol=1e-8, eig_steps=200,
                    seed=0, progress=False)
@@ -52,7 +52,7 @@ def test_module_traces_and_top_eigenvalues_match_dense_blocks(kind):
 
 
 def test_parameter_and_regex_grouping():
-    model, data, D = _model_and_hessian("gelu_mlp")
+    model, data, D = hessian_case("gelu_mlp")
     by_param = layerwise(model, F.cross_entropy, data, stats=("top_eig",), by="parameter", eig_tol=1e-8,
                          eig_steps=200, seed=0, progress=False)
     names = [n for n, _ in model.named_parameters()]
@@ -67,7 +67,7 @@ def test_parameter_and_regex_grouping():
 
 
 def test_channel_traces_rank_like_exact_ones():
-    model, data, D = _model_and_hessian("conv_bn")
+    model, data, D = hessian_case("conv_bn")
     df = layerwise(model, F.cross_entropy, data, by="channel", max_matvecs=2000, rtol=0.01, seed=0, progress=False)
     assert list(df.columns) == ["module", "channel", "n_params", "trace", "trace_stderr"]
     groups = []
@@ -96,7 +96,7 @@ def test_segmented_lanczos_equals_separate_runs():
 
 
 def test_layerwise_bad_input():
-    model, data, _ = _model_and_hessian("tanh_mlp")
+    model, data, _ = hessian_case("tanh_mlp")
     with pytest.raises(ValueError, match="stats"):
         layerwise(model, F.cross_entropy, data, stats=("frobenius",))
     with pytest.raises(ValueError, match="forms no group"):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import HessianOperator
-from tests.conftest import assert_untouched_by, dense_hessian, make_model
+from tests._models import assert_untouched_by, dense_hessian, make_model
 
 
 def _products(H, D, seed=0):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from curvkit.hessian import HessianOperator, PreconditionedOperator, eigenvalues
-from tests.conftest import make_model, spectrum_matrix
+from tests._models import make_model, spectrum_matrix
 
 
 def _dense_case(n=12, seed=0):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from curvkit.hessian import HessianOperator, diagonal, trace
 from curvkit.hessian.trace import _xtrace_samples
-from tests.conftest import make_model, spectrum_matrix
+from tests._models import make_model, spectrum_matrix
 
 
 def _random_symmetric(n, seed):
@@ -88,7 +88,7 @@ def test_trace_stops_at_rtol_and_reports_budget_exhaustion():
 def test_diagonal_exact_and_estimated():
     model, x, y = make_model("tanh_mlp")
     H = HessianOperator(model, F.cross_entropy, (x, y))
-    from tests.conftest import dense_hessian
+    from tests._models import dense_hessian
 
     D = dense_hessian(model, F.cross_entropy, [(x, y)])
     exact = diagonal(H, max_matvecs=H.shape[0], seed=0)

@@ -13,8 +13,8 @@ import torch
 from torch.utils import cpp_extension
 
 from curvkit import kernels
+from curvkit.cli import main
 from curvkit.kernels import build, reference
-from curvkit.kernels.__main__ import main
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_build_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_ahead_of_time_build_command(cpu_kernels, capsys):
-    assert main(["build"]) == 0
+    assert main(["kernels", "build"]) == 0
     out = capsys.readouterr().out
     assert "cpu" in out and "ready" in out and str(build.build_dir("cpu")) in out
 

@@ -67,7 +67,7 @@ def test_rosenbrock_converges():
 
 def _train_digits(make_opt, closure_style, epochs, seed):
     """Test accuracy of a 64-32-10 tanh MLP on sklearn's digits (the split, init and batches follow ``seed``)."""
-    from curvkit.demo import load_digits_tensors
+    from curvkit.datasets import load_digits_tensors
 
     (X, y), (Xt, yt) = load_digits_tensors(seed)
     torch.manual_seed(seed)

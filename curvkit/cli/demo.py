@@ -9,24 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis import SharpnessTracker, eigen_direction, landscape_2d
-from .hessian import HessianOperator, density, eigenvalues, trace
+from ..analysis import SharpnessTracker, eigen_direction, landscape_2d
+from ..datasets import load_digits_tensors
+from ..hessian import HessianOperator, density, eigenvalues, trace
+
+HELP = "train a small MLP on digits and analyse its Hessian"
 
 
-def load_digits_tensors(seed: int = 0):
-    """sklearn's 8x8 digits (ships offline), standardised, split 80/20 with a fixed seed."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError("the demo needs scikit-learn: pip install 'curvkit[demo]'") from err
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    X, y = X[perm], y[perm]
-    X = (X - X.mean(0)) / (X.std(0) + 1e-3)
-    cut = int(0.8 * len(y))
-    return (X[:cut], y[:cut]), (X[cut:], y[cut:])
+def register(parser) -> None:
+    """Add the demo's options to its subcommand parser."""
+    parser.add_argument("--out", default="curvkit-demo", help="folder for the figures (default: curvkit-demo)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="training time budget in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    """Run the demo with the parsed options."""
+    run(args.out, seconds=args.seconds, seed=args.seed)
+    return 0
 
 
 def train_mlp(train, seconds: float = 3.0, seed: int = 0) -> nn.Module:

@@ -32,7 +32,7 @@ def make_generator(seed: Seed, shared: bool = False) -> torch.Generator:
     return gen
 
 
-def rademacher(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def rademacher_matrix(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """``(n, k)`` float64 matrix of independent +-1 entries, drawn on the generator's device."""
     z = torch.randint(0, 2, (n, k), generator=gen, device=gen.device, dtype=torch.int8)
     return (z.to(device=device, dtype=torch.float64) * 2 - 1)

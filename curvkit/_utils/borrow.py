@@ -1,4 +1,4 @@
-"""Borrowing a model: parameter selection, batches, and a loss that never mutates the model.
+"""Borrowing a model: parameter selection, module modes, and a loss that never mutates the model.
 
 The loss is evaluated with ``torch.func.functional_call`` on detached copies of the selected
 parameters (our own autograd leaves), so the model's ``.grad`` and ``requires_grad`` are never
@@ -9,7 +9,7 @@ pass and buffers are replaced by private copies, so running statistics never cha
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Union
 
@@ -73,49 +73,31 @@ def select_parameters(model: nn.Module, params: ParamSpec) -> tuple[list[str], l
     return names, tensors
 
 
-def is_single_batch(data: Any) -> bool:
-    """A single batch is a tensor, a mapping, or a tuple/list whose first element is a tensor."""
-    if isinstance(data, (torch.Tensor, Mapping)):
-        return True
-    return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0], torch.Tensor)
+def require_scalar_loss(loss: Any, what: str, hint: str = "use a mean reduction (e.g. reduction='mean')"
+                        ) -> torch.Tensor:
+    """``loss`` as a 0-d tensor after checking that it is a finite scalar tensor.
+
+    Raises:
+        ValueError: ``loss`` is not a tensor with exactly one element (the message names ``what`` and ``hint``).
+        FloatingPointError: ``loss`` is NaN or infinite.
+    """
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{what} must be a scalar tensor, got {shape}; {hint}")
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(f"{what} is {loss.item()} on a batch; check the data and the model")
+    return loss.reshape(())
 
 
-def as_batches(data: Any) -> Sequence[Any] | Iterable[Any]:
-    """Return a re-iterable collection of batches (one batch becomes a one-element list)."""
-    if data is None:
-        raise ValueError("data is None; pass one batch (inputs, targets) or an iterable of batches")
-    if is_single_batch(data):
-        return [data]
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a batch (inputs, targets) or an iterable of batches, got {type(data).__name__}")
-    if iter(data) is data:
-        raise TypeError(
-            "data is a one-shot iterator (e.g. a generator); curvature algorithms pass over the data "
-            "many times: pass a DataLoader, a list of batches, or list(iterator)"
-        )
-    return data
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its first tensor (1 if it holds none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for item in items:
-        if isinstance(item, (torch.Tensor, Mapping, tuple, list)):
-            return batch_size(item)
-    return 1
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore the ``training`` flag of every module of ``model`` on exit, whatever happens inside."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
 
 
 def _default_forward(loss_fn: LossFn) -> ForwardFn:
@@ -190,12 +172,5 @@ class BorrowedLoss:
             return functional_call(self._wrapped, tensors, (batch,), strict=False)
 
     def __call__(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
-        loss = self.evaluate(leaves, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"the loss must be a scalar tensor, got {shape}; use a mean reduction (e.g. reduction='mean')"
-            )
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"the loss is {loss.item()} on a batch; check the data and the model")
-        return loss.reshape(())
+        """The loss on ``batch`` with the selected parameters replaced by ``leaves``, checked scalar and finite."""
+        return require_scalar_loss(self.evaluate(leaves, batch), "the loss")

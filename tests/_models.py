@@ -1,0 +1,116 @@
+"""Small models of several kinds and exact dense Hessians (float64) to test against."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from curvkit._utils.borrow import twice_differentiable
+
+
+class TinyAttention(nn.Module):
+    """One self-attention block (scaled_dot_product_attention) with a residual and a linear read-out."""
+
+    def __init__(self, tokens: int = 4, dim: int = 6, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(2, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim * tokens, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = self.norm(h + F.scaled_dot_product_attention(q, k, v))
+        return self.head(h.flatten(1))
+
+
+def make_model(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small float64 model in eval mode with a batch (x, y) for cross-entropy."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "tanh_mlp":
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(24, 5, generator=g)
+    elif kind == "gelu_mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+        x = torch.randn(24, 4, generator=g)
+    elif kind == "conv_bn":
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        x = torch.randn(16, 1, 6, 6, generator=g)
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-0.5, 0.5, generator=g)
+            model[1].running_var.uniform_(0.5, 2.0, generator=g)
+    elif kind == "attention":
+        model = TinyAttention()
+        x = torch.randn(12, 4, 2, generator=g)
+    else:
+        raise ValueError(kind)
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    return model.double().eval(), x.double(), y
+
+
+MODEL_KINDS = ["tanh_mlp", "gelu_mlp", "conv_bn", "attention"]
+
+
+def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
+    """Exact Hessian of the sample-weighted mean loss over ``batches`` (torch.autograd.functional.hessian).
+
+    Not torch.func.hessian: in torch 2.13 its vmapped double backward through LayerNorm disagrees
+    with finite differences, while plain double backward agrees.
+    """
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else names
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    total = sum(len(y) for _, y in batches)
+
+    def loss(flat):
+        chunks = [c.view(s) for c, s in zip(torch.split(flat, sizes), shapes)]
+        tensors = dict(zip(names, chunks))
+        return sum(len(y) * loss_fn(functional_call(model, tensors, (x,)), y) for x, y in batches) / total
+
+    with twice_differentiable():
+        return torch.autograd.functional.hessian(loss, flat0)
+
+
+@functools.cache
+def hessian_case(kind: str):
+    """(model, batch, dense Hessian) of ``make_model(kind)``, cached: curvkit must never mutate the model."""
+    model, x, y = make_model(kind)
+    return model, (x, y), dense_hessian(model, F.cross_entropy, [(x, y)])
+
+
+def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric matrix with the given eigenvalues and a random orthogonal eigenbasis."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    return (Q * eigs) @ Q.T
+
+
+def assert_untouched_by(call) -> None:
+    """Run ``call(model, x, y)`` on a train-mode conv+BN model with a set .grad and a frozen parameter,
+    and check that parameters, buffers, modes, .grad and requires_grad are exactly as before."""
+    model, x, y = make_model("conv_bn")
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[4].bias.requires_grad_(False)
+
+    def state():
+        return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+                [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+                [p.requires_grad for p in model.parameters()])
+
+    before = state()
+    call(model, x, y)
+    after = state()
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1]
+    assert torch.equal(after[2][0], before[2][0]) and all(g is None for g in after[2][1:])
+    assert before[3] == after[3]
