@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .._utils.random import Seed, make_generator
-from ..hessian import HessianOperator, eigenvalues
+from ..hessian import build_operator, eigenvalues
+from ..hessian.factory import OperatorSpec
 
 Direction = dict[str, torch.Tensor]
 NORMS = ("filter", "layer", None)
@@ -58,7 +59,7 @@ def random_direction(model: nn.Module, seed: Seed = 0, norm: str | None = "filte
 
 
 def eigen_direction(model: nn.Module, loss_fn: Any, data: Any, k: int = 1, seed: Seed = 0, tol: float = 1e-8,
-                    **operator_kwargs: Any) -> list[Direction]:
+                    *, operator: OperatorSpec = "hessian", **operator_kwargs: Any) -> list[Direction]:
     r"""The top-``k`` Hessian eigenvectors as unit directions (a list of ``k`` dicts, largest first).
 
     Parameters outside ``params=`` (if given) get zero entries; ``tol`` is the eigenvalues' relative
@@ -67,7 +68,7 @@ def eigen_direction(model: nn.Module, loss_fn: Any, data: Any, k: int = 1, seed:
 
     >>> d1, d2 = eigen_direction(model, F.cross_entropy, (x, y), k=2)
     """
-    H = HessianOperator(model, loss_fn, data, **operator_kwargs)
+    H = build_operator(operator, model, loss_fn, data, **operator_kwargs)
     res = eigenvalues(H, k=k, seed=seed, tol=tol, progress=False)
     directions = []
     for j in range(k):

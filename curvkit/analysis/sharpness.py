@@ -19,24 +19,34 @@ import pandas as pd
 import torch
 
 from .._utils.random import Seed, make_generator
-from ..hessian import HessianOperator, PreconditionedOperator, eigenvalues
+from ..hessian import PreconditionedOperator, build_operator, eigenvalues
+from ..hessian.factory import OperatorSpec
 
 COLUMNS = ["step", "loss", "sharpness", "preconditioned_sharpness", "threshold", "matvecs", "seconds"]
 
 
-def stability(optimizer: torch.optim.Optimizer | None, H: HessianOperator) -> tuple[float, torch.Tensor | None]:
+def stability(optimizer: torch.optim.Optimizer | None, H: Any) -> tuple[float, torch.Tensor | None]:
     """The optimizer's stability threshold and, for adaptive optimizers, the diagonal preconditioner P.
 
-    Returns ``(nan, None)`` for optimizers without a known threshold; ``P`` is None until the
-    optimizer has state for every parameter of ``H``.
+    curvkit's curvature optimizers say both themselves (``stability_threshold()``, ``preconditioner()``);
+    for ``torch.optim`` SGD, Adam, AdamW and RMSprop the formulas of the module docstring apply.
+
+    Args:
+        optimizer: the optimizer (None: no threshold).
+        H: the operator whose ``params`` P must cover, in order.
+
+    Returns:
+        ``(threshold, P)``: ``(nan, None)`` for optimizers without a known threshold; ``P`` (flat, float64)
+        is None for non-adaptive optimizers and until the optimizer has state for every parameter of ``H``.
     """
     if optimizer is None:
         return float("nan"), None
+    if hasattr(optimizer, "preconditioner") and hasattr(optimizer, "stability_threshold"):
+        return float(optimizer.stability_threshold()), optimizer.preconditioner(H.params)
     group = optimizer.param_groups[0]
     lr = group["lr"]
     state = [optimizer.state.get(p, {}) for p in H.params]
     ready = all(state)
-    name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.SGD):
         b = group.get("momentum", 0.0)
         if group.get("nesterov", False):
@@ -59,14 +69,6 @@ def stability(optimizer: torch.optim.Optimizer | None, H: HessianOperator) -> tu
         P = [((st["square_avg"] - st["grad_avg"] ** 2) if group.get("centered") else st["square_avg"]).sqrt()
              + group["eps"] for st in state]
         return (2 + 2 * b) / lr, H.flatten(P).to(torch.float64)
-    if name == "AdaHessian":
-        b1, b2 = group["betas"]
-        if not ready:
-            return (2 + 2 * b1) / ((1 - b1) * lr), None
-        k = group["hessian_power"]
-        P = [(1 - b1 ** st["step"]) * ((st["exp_hessian_diag_sq"] / (1 - b2 ** st["curvature_updates"]))
-                                        ** (k / 2) + group["eps"]) for st in state]
-        return (2 + 2 * b1) / ((1 - b1) * lr), H.flatten(P).to(torch.float64)
     return float("nan"), None
 
 
@@ -78,16 +80,37 @@ class SharpnessTracker:
     ``history`` is a DataFrame; ``seconds`` is the tracker's own time per measurement and
     :attr:`overhead` its share of the wall time since the first call.
 
-    >>> tracker = SharpnessTracker(model, F.mse_loss, (x, y), optimizer=opt, every=20)
-    >>> for _ in range(steps): opt.step(closure); tracker.step()
-    >>> tracker.plot().savefig("sharpness.png")
+    .. code-block:: python
+
+        tracker = SharpnessTracker(model, F.mse_loss, (x, y), optimizer=opt, every=20)
+        for _ in range(steps):
+            opt.step(closure)
+            tracker.step()
+        tracker.plot().savefig("sharpness.png")
+
+    Args:
+        model: the model being trained (borrowed, never changed by the tracker).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        data: the fixed batch (or batches) the curvature is measured on.
+        optimizer: the optimizer, for its threshold and preconditioner (None: sharpness only).
+        every: measure on the first call and every that many calls after.
+        k: eigenvalues per Lanczos run (the top one is recorded).
+        tol: the eigenvalue's relative error bound.
+        max_matvecs: the product budget per measurement.
+        seed: the start vectors' seed.
+        operator: ``"hessian"``, ``"ggn"`` (GGN sharpness) or a factory ``operator(model, loss_fn, data, **kw)``.
+        **operator_kwargs: passed to the operator (``params``, ``bn_mode``, ...).
+
+    Raises:
+        ValueError: ``every`` is not a positive integer.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, optimizer: torch.optim.Optimizer | None = None,
                  every: int = 20, k: int = 1, *, tol: float = 1e-3, max_matvecs: int | None = None, seed: Seed = 0,
-                 **operator_kwargs: Any):
+                 operator: OperatorSpec = "hessian", **operator_kwargs: Any):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.operator = operator
         self.model, self.loss_fn, self.data, self.optimizer = model, loss_fn, data, optimizer
         self.every, self.k, self.tol, self.max_matvecs, self.seed = every, k, tol, max_matvecs, seed
         self._operator_kwargs = operator_kwargs
@@ -100,6 +123,7 @@ class SharpnessTracker:
 
     @property
     def history(self) -> pd.DataFrame:
+        """One row per measurement: step, loss, sharpness, preconditioned sharpness, threshold, products, seconds."""
         return pd.DataFrame(self._rows, columns=COLUMNS)
 
     @property
@@ -130,9 +154,10 @@ class SharpnessTracker:
         self._calls += 1
         if (self._calls - 1) % self.every:
             return None
-        H = HessianOperator(self.model, self.loss_fn, self.data, **self._operator_kwargs)
+        H = build_operator(self.operator, self.model, self.loss_fn, self.data, **self._operator_kwargs)
         threshold, P = stability(self.optimizer, H)
-        row = {"step": self._calls - 1, "loss": H.loss(), "sharpness": self._top(H, "raw"),
+        row = {"step": self._calls - 1, "loss": H.loss() if hasattr(H, "loss") else np.nan,
+               "sharpness": self._top(H, "raw"),
                "preconditioned_sharpness": np.nan, "threshold": threshold}
         if P is not None:
             row["preconditioned_sharpness"] = self._top(PreconditionedOperator(H, P), "pre")

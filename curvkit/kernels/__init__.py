@@ -2,9 +2,10 @@ r"""Fused C++/CUDA kernels from csrc/ with pure-PyTorch references, one dispatch
 
 Each function below runs the compiled op (``torch.ops.curvkit.*``) for its tensors' device when it is
 built and takes them, and otherwise the reference of the same name in :mod:`curvkit.kernels.reference`
-(same arithmetic, any device). ``fused=None`` picks, ``True`` requires the kernel (an error says why it
-cannot run), ``False`` forces the reference. The libraries build on first use (ninja, about 20 s for
-the CPU one on 2 cores), are cached on disk, and a failed build warns once and falls back.
+(same arithmetic, any device). ``fused=None`` picks (CPU kernels where built; the CUDA kernels are not
+yet verified on a GPU, so CUDA runs the references), ``True`` requires the kernel (an error says why it
+cannot run), ``False`` forces the reference. The libraries build with ninja on first use, are cached
+on disk, and a failed build warns once and falls back.
 
 Lists are one parameter group: one call updates all of its tensors (contiguous, one floating dtype,
 one device). The ops have no derivatives: they run under ``torch.no_grad()``. Probes are Rademacher
@@ -20,6 +21,7 @@ bit-identical between the kernels and the reference on every device.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -46,12 +48,28 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
+VERIFIED = frozenset({"cpu"})  # devices whose kernels have been checked against the references on hardware
+
+
 def use_kernels(device: torch.device | str, fused: bool | None = None) -> bool:
-    """Whether ops on ``device`` run the kernels: ``fused=None`` when built, ``True`` always (raising
-    RuntimeError with the reason where they cannot), ``False`` never."""
+    """Whether ops on ``device`` run the kernels.
+
+    ``fused=None``: where they are built and verified on hardware (:data:`VERIFIED`; the CUDA kernels
+    compile but have not yet run on a GPU, so CUDA takes the PyTorch path); ``True``: always (raising
+    RuntimeError with the reason where they cannot run, and warning once on an unverified device);
+    ``False``: never.
+
+    Raises:
+        RuntimeError: ``fused=True`` where the kernels cannot run.
+    """
     if fused is False:
         return False
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if kind not in VERIFIED:
+        if not fused:
+            return False
+        if kind in build.LIBRARIES:
+            _warn_unverified(kind)
     if build.loaded(kind):  # the per-step fast path
         return True
     reason = _unavailable(torch.device(device))
@@ -59,6 +77,13 @@ def use_kernels(device: torch.device | str, fused: bool | None = None) -> bool:
         raise RuntimeError(f"fused=True needs curvkit's compiled kernels, but {reason}; "
                            "use fused=None (kernels where available) or fused=False (the PyTorch path)")
     return reason is None
+
+
+@functools.cache
+def _warn_unverified(kind: str) -> None:
+    warnings.warn(f"fused=True runs curvkit's {kind} kernels, which have not yet been verified against the "
+                  "references on hardware; fused=None (the default) uses the PyTorch path there",
+                  RuntimeWarning, stacklevel=4)
 
 
 _ops: dict[str, torch._ops.OpOverload] = {}

@@ -1,17 +1,23 @@
 """Second-order optimizers built on the Hessian engine, drop-in ``torch.optim`` optimizers.
 
->>> from curvkit.optim import AdaHessian
->>> opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
->>> loss = opt.step(lambda: loss_fn(model(x), y))   # the optimizer differentiates; no backward here
+.. code-block:: python
+
+    from curvkit.optim import AdaHessian
+    opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
+    loss = opt.step(lambda: loss_fn(model(x), y))   # the optimizer differentiates; no backward here
 
 Data-parallel training with torch.distributed (DDP cannot double-backward): wrap nothing, keep
 one replica per rank, feed each rank its shard, and construct the optimizer after
 ``init_process_group``. Gradients and curvature estimates are then averaged over ranks with one
 all-reduce per step and the probes are identical on every rank (a shared seed), so replicas
 stay bit-identical.
+
+Every curvature optimizer offers ``preconditioner()`` (the diagonal P of its step lr * m / P) and
+``stability_threshold()``, which :mod:`curvkit.analysis` uses for preconditioned sharpness.
 """
 
 from .adahessian import AdaHessian
+from .estimators import ESTIMATORS, Curvature, DiagonalEstimator, EstimateContext
 from .sophia import Sophia
 
-__all__ = ["AdaHessian", "Sophia"]
+__all__ = ["AdaHessian", "Sophia", "ESTIMATORS", "DiagonalEstimator", "EstimateContext", "Curvature"]

@@ -1,9 +1,10 @@
-"""Shared machinery of the curvature optimizers: gradients and a diagonal curvature estimate per step.
+"""The diagonal-curvature optimizer base: a gradient every step, a diagonal estimate every ``update_each`` steps.
 
 A step gets its gradient either from a closure (the optimizer calls ``torch.autograd.grad``
 itself, with ``create_graph`` only on curvature steps) or from ``.grad`` left by
 ``loss.backward(create_graph=True)``. Either way ``.grad`` ends graph-free, so no
-parameter <-> gradient reference cycle survives the step.
+parameter <-> gradient reference cycle survives the step. The closure's forward runs with
+PyTorch's twice-differentiable attention kernel selected (the fused ones have no double backward).
 
 Hutchinson probes are Rademacher vectors from Philox4x32-10 keyed by (probe seed, probe offset)
 (:mod:`curvkit.kernels`): the seed is the optimizer's ``seed`` (a Generator's initial seed; fresh
@@ -20,96 +21,46 @@ state. The draw is the one that would be made on time, bit for bit.
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import kernels
+from .._utils.borrow import twice_differentiable
 from .._utils.random import make_generator
+from ._step_hooks import with_torch_step_hooks
+from .estimators import Curvature, EstimateContext, Estimator, make_estimator
 
-Estimator = Union[str, Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Generator], list]]
-ESTIMATORS = ("hutchinson", "gnb")
+FUSED_DOC = """``fused``: None runs the update of a parameter group as one call of curvkit's compiled kernel where
+    it is built and verified (CPU), True requires the kernel (RuntimeError where it cannot run; a warning on
+    CUDA, where the kernels are not yet verified), False runs torch's foreach ops. Both paths draw the same
+    Philox probes and agree to rounding. ``fused`` is a per-group setting (in ``param_groups``)."""
 
 
-def _check(condition: bool, message: str) -> None:
+def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
 
-def validate_common(lr, betas, weight_decay, update_each, n_samples, estimator, fused) -> None:
-    """Clear errors for the hyperparameters every curvature optimizer shares."""
-    _check(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a non-negative number, got {lr!r}")
-    _check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-           f"betas must be two numbers in [0, 1), got {betas!r}")
-    _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
-    _check(isinstance(update_each, int) and update_each >= 1,
-           f"update_each must be a positive integer (curvature refreshed every that many steps), got {update_each!r}")
-    _check(isinstance(n_samples, int) and n_samples >= 1, f"n_samples must be a positive integer, got {n_samples!r}")
-    _check(callable(estimator) or estimator in ESTIMATORS,
-           f"estimator must be one of {ESTIMATORS} or a callable(params, grads, generator), got {estimator!r}")
-    _check(fused is None or isinstance(fused, bool),
-           f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
+def validate_common(lr, betas, weight_decay, update_each, n_samples, fused) -> None:
+    """Clear errors for the hyperparameters every curvature optimizer shares.
 
-
-def _with_step_hooks(step):
-    """What ``torch.optim.Optimizer`` wraps around ``step``: the step pre- and post-hooks (global and
-    per optimizer) and a profiler range, which is only opened while a profiler runs. (Optimizer's own
-    wrapper opens it on every step: tens of microseconds, a few percent of a small model's Hessian
-    step.) Marked ``hooked`` so that Optimizer does not wrap the step a second time."""
-
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        if torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return _hooked(self, step, args, kwargs)
-        return _hooked(self, step, args, kwargs)
-
-    wrapper.hooked = True
-    return wrapper
-
-
-def _hooked(optimizer, step, args, kwargs):
-    for hook in (*_global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()):
-        result = hook(optimizer, args, kwargs)
-        if result is not None:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result!r}")
-            args, kwargs = result
-    out = step(optimizer, *args, **kwargs)
-    step_code = getattr(optimizer, "_optimizer_step_code", None)  # a profiler anchor; not in every torch version
-    if step_code is not None:
-        step_code()
-    for hook in (*optimizer._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
-        hook(optimizer, args, kwargs)
-    return out
-
-
-class Curvature(NamedTuple):
-    """A step's diagonal curvature estimate per parameter: ``values`` itself, or ``probes * values`` when
-    probes are given (then ``values`` holds H z). The fused updates form the product themselves."""
-
-    values: list[torch.Tensor]
-    probes: list[torch.Tensor] | None = None
-
-    def select(self, index: list[int]) -> Curvature:
-        pick = lambda tensors: None if tensors is None else [tensors[i] for i in index]  # noqa: E731
-        return Curvature(pick(self.values), pick(self.probes))
-
-    def embed(self, index: list[int], params: list[torch.Tensor]) -> Curvature:
-        """This estimate of ``params[i] for i in index``, with zeros for the other parameters."""
-        values = [torch.zeros_like(p) for p in params]
-        probes = None if self.probes is None else [torch.ones_like(p) for p in params]
-        for k, i in enumerate(index):
-            values[i] = self.values[k]
-            if probes is not None:
-                probes[i] = self.probes[k]
-        return Curvature(values, probes)
+    Raises:
+        ValueError: a hyperparameter out of range, with what it must be.
+    """
+    _require(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a non-negative number, got {lr!r}")
+    _require(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+             f"betas must be two numbers in [0, 1), got {betas!r}")
+    _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
+    _require(isinstance(update_each, int) and update_each >= 1,
+             f"update_each must be a positive integer (curvature refreshed every that many steps), got {update_each!r}")
+    _require(isinstance(n_samples, int) and n_samples >= 1,
+             f"n_samples must be a positive integer, got {n_samples!r}")
+    _require(fused is None or isinstance(fused, bool),
+             f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
 
 
 def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -120,25 +71,32 @@ def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor],
     return [p for p, _ in kept], [g for _, g in kept]
 
 
-class CurvatureOptimizer(torch.optim.Optimizer, ABC):
-    """Base class: one gradient and, every ``update_each`` steps, a diagonal curvature estimate.
+class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
+    """Base of AdaHessian and Sophia: one gradient per step and, every ``update_each`` steps, a diagonal estimate.
 
     Subclasses implement ``_update(group, params, grads, curvature, next_probes)`` with ``curvature`` a
-    :class:`Curvature` (or None on steps that do not refresh it). ``fused``: None runs the compiled
-    kernels of :mod:`curvkit.kernels` where they are built, True requires them (RuntimeError here if
-    they cannot run), False runs the PyTorch (foreach) path.
+    :class:`~curvkit.optim.estimators.Curvature` (or None on steps that do not refresh it), and
+    ``_preconditioner(group, state)`` / ``stability_threshold()`` for :mod:`curvkit.analysis`.
+    The optimizer-wide settings ``update_each``, ``n_samples`` and the estimator's name are saved in
+    ``state_dict()`` and must match on ``load_state_dict``.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        defaults: the per-group hyperparameters (``fused`` among them).
+        update_each: refresh the curvature every that many steps.
+        n_samples: Hutchinson probes per refresh.
+        estimator: a name in :data:`curvkit.optim.estimators.ESTIMATORS` or a callable.
+        seed: an int, a ``torch.Generator`` or None (fresh entropy, shared by all ranks).
+        distributed: average gradients and curvature over torch.distributed ranks (None: when initialised).
     """
 
     def __init__(self, params, defaults: dict, *, update_each: int, n_samples: int, estimator: Estimator,
-                 seed: Any, distributed: bool | None, fused: bool | None):
+                 seed: Any, distributed: bool | None):
+        self.estimator = estimator
+        self._estimator = make_estimator(estimator)
         super().__init__(params, defaults)
         self.update_each = update_each
         self.n_samples = n_samples
-        self.estimator = estimator
-        self.fused = fused
-        if fused:
-            for device in {p.device for group in self.param_groups for p in group["params"]}:
-                kernels.use_kernels(device, fused=True)
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         self._generator = make_generator(seed, shared=self.distributed)
         self._probe_seed = self._generator.initial_seed()
@@ -146,16 +104,46 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         self._prefetched = None  # (offset, params, probes): a draw that the last update made in advance
         self._steps = 0
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as ``torch.optim.Optimizer`` does, checking its ``fused`` setting.
+
+        Raises:
+            ValueError: ``fused`` is not None/True/False.
+            RuntimeError: ``fused=True`` where the compiled kernels cannot run.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_common(group["lr"], group["betas"], group["weight_decay"], 1, 1, group["fused"])
+        if group["fused"]:
+            for device in {p.device for p in group["params"]}:
+                kernels.use_kernels(device, fused=True)
+
     # ------------------------------------------------------------------ state
+    def _settings(self) -> dict:
+        return {"update_each": self.update_each, "n_samples": self.n_samples, "estimator": self._estimator.name}
+
     def state_dict(self) -> dict:
+        """torch's state dict plus a ``"curvkit"`` entry: step count, generator, probe stream and settings."""
         state = super().state_dict()
         state["curvkit"] = {"steps": self._steps, "generator": self._generator.get_state(),
-                            "probe_seed": self._probe_seed, "probe_offset": self._probe_offset}
+                            "probe_seed": self._probe_seed, "probe_offset": self._probe_offset,
+                            "settings": self._settings()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by the same optimizer class with the same optimizer-wide settings.
+
+        Raises:
+            ValueError: the saved ``update_each``, ``n_samples`` or estimator differ from this optimizer's
+                (resuming would silently change the curvature schedule).
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvkit", None)
+        saved = (extra or {}).get("settings")
+        if saved is not None and saved != self._settings():
+            different = {k: (v, self._settings()[k]) for k, v in saved.items() if self._settings().get(k) != v}
+            raise ValueError(f"the state dict was saved with other optimizer-wide settings (saved, here): {different}; "
+                             "construct the optimizer with the saved settings to resume")
         super().load_state_dict(state_dict)
         self._prefetched = None
         if extra is not None:
@@ -164,16 +152,58 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
             self._probe_seed = extra.get("probe_seed", self._probe_seed)
             self._probe_offset = extra.get("probe_offset", self._probe_offset)
 
+    # ------------------------------------------------------------------ analysis
+    def preconditioner(self, params: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The diagonal preconditioner P of the update theta -= lr * m / P, flat in float64.
+
+        Args:
+            params: the parameters to report, in this order (default: every parameter of every group).
+
+        Returns:
+            P over ``params``, or None until every one of them has optimizer state.
+
+        Raises:
+            ValueError: a parameter in ``params`` is not optimized by this optimizer.
+        """
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        params = [p for g in self.param_groups for p in g["params"]] if params is None else list(params)
+        missing = [tuple(p.shape) for p in params if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"parameters of shapes {missing} are not optimized by this {type(self).__name__}")
+        if not params or not all(self.state.get(p) for p in params):
+            return None
+        return torch.cat([self._preconditioner(group_of[id(p)], self.state[p]).reshape(-1).to(torch.float64)
+                          for p in params])
+
+    @abstractmethod
+    def _preconditioner(self, group: dict, state: dict) -> torch.Tensor:
+        """P of one parameter from its group and state."""
+
+    @abstractmethod
+    def stability_threshold(self) -> float:
+        """The largest eigenvalue of the preconditioned Hessian P^-1 H at which the update is still stable."""
+
     # ------------------------------------------------------------------ step
     def _refresh_now(self) -> bool:
         return self._steps % self.update_each == 0
 
-    @_with_step_hooks
+    @with_torch_step_hooks
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """One step. ``closure`` returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``)
-        and must not call backward; without a closure, ``.grad`` must come from
-        ``loss.backward(create_graph=True)`` on curvature steps."""
+        """One step.
+
+        Args:
+            closure: returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``) and must not call
+                backward. Without a closure, ``.grad`` must come from ``loss.backward(create_graph=True)``
+                on curvature steps.
+
+        Returns:
+            The closure's loss (detached), or None without a closure.
+
+        Raises:
+            ValueError: the closure does not return a scalar loss that requires grad.
+            RuntimeError: a curvature step without the gradient's graph.
+        """
         refresh = self._refresh_now()
         groups = self.param_groups
         params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
@@ -201,7 +231,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
     def _next_probe_buffers(self, params, curvature: Curvature | None) -> list[torch.Tensor] | None:
         """Where the update should write the next Hutchinson draw, in the same native call, when the next
         step refreshes the curvature: this step's probe tensors, or new ones. None otherwise."""
-        if self.estimator != "hutchinson" or not self._refresh_now():  # called after the step was counted
+        if not self._estimator.draws_probes or not self._refresh_now():  # called after the step was counted
             return None
         if curvature is not None and curvature.probes is not None:
             return curvature.probes
@@ -215,26 +245,24 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                 and all(p is q and z.shape == p.shape for p, q, z in zip(params, ready[1], ready[2]))):
             probes = ready[2]
         else:
-            probes = kernels.rademacher(params, self._probe_seed, self._probe_offset, fused=self.fused)
+            fused = False if all(g["fused"] is False for g in self.param_groups) else None
+            probes = kernels.rademacher(params, self._probe_seed, self._probe_offset, fused=fused)
         self._probe_offset += 1
         return probes
 
     def _from_closure(self, closure, params, refresh):
-        gnb = refresh and self.estimator == "gnb"
-        with torch.enable_grad():
+        logits_needed = refresh and self._estimator.needs_logits
+        with torch.enable_grad(), twice_differentiable():
             out = closure()
             loss, logits = out if isinstance(out, tuple) else (out, None)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise ValueError("the closure must return the loss as a scalar tensor that requires grad "
                                  "(and must not call backward itself)")
             trainable = [p for p in params if p.requires_grad]
-            grads = torch.autograd.grad(loss, trainable, create_graph=refresh and not gnb,
-                                        retain_graph=True if gnb else None, allow_unused=True)
+            grads = torch.autograd.grad(loss, trainable, create_graph=refresh and self._estimator.needs_graph,
+                                        retain_graph=True if logits_needed else None, allow_unused=True)
         live, grads = _drop_unused(trainable, grads)
-        curvature = None
-        if refresh:
-            curvature = (Curvature(self._gauss_newton_bartlett(logits, live)) if gnb
-                         else self._curvature(grads, live))
+        curvature = self._curvature(grads, live, logits) if refresh else None
         grads = [g.detach() if g.requires_grad else g for g in grads]
         for p, g in zip(live, grads):
             p.grad = g
@@ -244,8 +272,8 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
         live = [p for p in params if p.grad is not None]
         curvature = None
         if refresh and live:
-            if self.estimator == "gnb":
-                raise RuntimeError('estimator="gnb" needs a closure returning (loss, logits): '
+            if self._estimator.needs_logits:
+                raise RuntimeError(f'estimator="{self._estimator.name}" needs a closure returning (loss, logits): '
                                    "opt.step(lambda: (loss_fn(logits := model(x), y), logits))")
             if not any(p.grad.requires_grad for p in live):
                 raise RuntimeError(
@@ -253,62 +281,27 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
                     "loss.backward(create_graph=True) before step(), or pass a closure "
                     "opt.step(lambda: loss_fn(model(x), y)) that returns the loss without calling backward"
                 )
-            curvature = self._curvature([p.grad for p in live], live)
+            curvature = self._curvature([p.grad for p in live], live, None)
         grads = []
         for p in live:
             p.grad = p.grad.detach()
             grads.append(p.grad)
         return live, grads, curvature
 
-    def _curvature(self, grads, params) -> Curvature:
-        """Diagonal estimate from gradients that carry a graph (zero where a gradient has none)."""
-        if all(g.requires_grad for g in grads):
-            carrying, sub_grads, sub_params = None, grads, params
-        else:
+    def _curvature(self, grads, params, logits) -> Curvature:
+        """The estimator's diagonal; with a graph-needing estimator, zero where a gradient carries no graph."""
+        carrying = None
+        if self._estimator.needs_graph and not all(g.requires_grad for g in grads):
             carrying = [i for i, g in enumerate(grads) if g.requires_grad]
-            sub_grads, sub_params = [grads[i] for i in carrying], [params[i] for i in carrying]
             if not carrying:
                 return Curvature([torch.zeros_like(p) for p in params])
-        if callable(self.estimator):
-            with torch.enable_grad():
-                found = Curvature([d.detach() for d in self.estimator(sub_params, sub_grads, self._generator)])
+            grads, sub_params = [grads[i] for i in carrying], [params[i] for i in carrying]
         else:
-            found = self._hutchinson(sub_grads, sub_params)
+            sub_params = params
+        ctx = EstimateContext(sub_params, grads, logits, self._generator, lambda: self._draw(sub_params),
+                              self.n_samples)
+        found = self._estimator(ctx)
         return found if carrying is None else found.embed(carrying, params)
-
-    def _hutchinson(self, grads, params) -> Curvature:
-        r"""Hutchinson diagonal: the mean over ``n_samples`` Philox probes of z * (H z), with
-        E[D] = diag(H) and E[D_i^2] = ||H_{i,:}||^2.
-
-        H z comes from the gradients' graph (released after the last probe); parameters that the
-        gradients do not depend on get zeros. With one probe the product z * Hz is left to the fused
-        update (``Curvature(hz, probes=z)``); with more, it is averaged here.
-        """
-        total = None
-        for i in range(self.n_samples):
-            zs = self._draw(params)
-            hz = torch.autograd.grad(grads, params, zs, retain_graph=i < self.n_samples - 1, allow_unused=True)
-            hz = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hz)]
-            if self.n_samples == 1:
-                return Curvature(hz, probes=zs)
-            if total is None:
-                total = torch._foreach_mul(zs, hz)
-            else:
-                torch._foreach_addcmul_(total, zs, hz)
-        torch._foreach_mul_(total, 1.0 / self.n_samples)
-        return Curvature(total)
-
-    def _gauss_newton_bartlett(self, logits, params) -> list[torch.Tensor]:
-        r"""GNB: labels sampled from softmax(logits); D = B * ghat * ghat (Liu et al. 2023)."""
-        if logits is None:
-            raise ValueError('estimator="gnb" needs the closure to return (loss, logits)')
-        with torch.enable_grad():  # the step runs under no_grad; reshape may copy, which must be recorded
-            logits = logits.reshape(-1, logits.shape[-1])
-            probs = torch.softmax(logits.detach().float(), -1).cpu()
-            sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1).to(logits.device)
-            grads = torch.autograd.grad(F.cross_entropy(logits, sampled), params, allow_unused=True)
-        batch = logits.shape[0]
-        return [torch.zeros_like(p) if g is None else g.square().mul_(batch) for p, g in zip(params, grads)]
 
     def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over ranks with one all-reduce."""
@@ -320,7 +313,7 @@ class CurvatureOptimizer(torch.optim.Optimizer, ABC):
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def _advance(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):
+    def _init_and_count_state(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):
         """Counts a step in every parameter's state (created on first use: zero buffers ``first`` and
         ``second``, zero ``counters``); returns the states and the two buffer lists."""
         states, firsts, seconds = [], [], []
