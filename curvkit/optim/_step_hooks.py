@@ -31,24 +31,26 @@ def with_torch_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(*args, **kwargs):
         if torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return _run_step_hooks(self, step, args, kwargs)
-        return _run_step_hooks(self, step, args, kwargs)
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(args[0]).__name__}.step"):
+                return _run_step_hooks(step, args, kwargs)
+        return _run_step_hooks(step, args, kwargs)
 
     wrapper.hooked = True
     return wrapper
 
 
-def _run_step_hooks(optimizer, step, args, kwargs):
+def _run_step_hooks(step, args, kwargs):
+    """Hooks and step as torch runs them: ``args`` start with the optimizer, and a pre-hook may replace both."""
+    optimizer = args[0]
     for hook in (*_global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()):
         result = hook(optimizer, args, kwargs)
         if result is not None:
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result!r}")
             args, kwargs = result
-    out = step(optimizer, *args, **kwargs)
+    out = step(*args, **kwargs)
     step_code = getattr(optimizer, "_optimizer_step_code", None)  # a profiler anchor; not in every torch version
     if step_code is not None:
         step_code()

@@ -1,0 +1,56 @@
+"""The optimizer registry: every curvkit optimizer, present and future, runs the contract in test_contract.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from curvkit.optim import AdaHessian, Sophia
+
+
+@dataclass
+class OptimizerCase:
+    """How to build one optimizer for the contract tests.
+
+    ``make(params, **overrides)`` builds it with test defaults; ``bad`` lists (kwargs, message regex) that
+    must raise ValueError; ``backward``: it also takes ``.grad`` from ``loss.backward(create_graph=True)``;
+    ``preconditioned``: it has ``exp_avg`` state and steps by lr * exp_avg / preconditioner() on
+    unclipped coordinates.
+    """
+
+    name: str
+    make: Callable[..., torch.optim.Optimizer]
+    bad: list[tuple[dict, str]] = field(default_factory=list)
+    backward: bool = True
+    preconditioned: bool = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+OPTIMIZERS = [
+    OptimizerCase(
+        "AdaHessian",
+        lambda params, **kw: AdaHessian(params, **{"lr": 0.1, "seed": 0, **kw}),
+        bad=[(dict(lr=-1.0), "lr"), (dict(betas=(1.0, 0.9)), "betas"), (dict(betas=(0.9,)), "betas"),
+             (dict(eps=0.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"), (dict(hessian_power=1.5), "hessian"),
+             (dict(update_each=0), "update_each"), (dict(update_each=2.5), "update_each"),
+             (dict(n_samples=0), "n_samples"), (dict(estimator="exact"), "estimator"), (dict(fused="yes"), "fused")],
+    ),
+    OptimizerCase(
+        "Sophia",
+        lambda params, **kw: Sophia(params, **{"lr": 0.01, "seed": 0, "update_each": 2, **kw}),
+        bad=[(dict(rho=0.0), "rho"), (dict(eps=-1.0), "eps"), (dict(update_each=2.5), "update_each"),
+             (dict(lr=-1), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(estimator=3), "estimator"),
+             (dict(fused=1), "fused")],
+    ),
+]
+
+
+@pytest.fixture(params=OPTIMIZERS, ids=[case.name for case in OPTIMIZERS])
+def case(request) -> OptimizerCase:
+    """One registered optimizer."""
+    return request.param
