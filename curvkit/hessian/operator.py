@@ -129,9 +129,13 @@ class CurvatureOperator(ABC):
         """Concatenate tensors shaped like ``self.params`` (or of the block sizes) into one flat vector.
 
         Raises:
+            TypeError: an entry is not a tensor.
             ValueError: the tensors do not match the blocks.
         """
         shapes = [tuple(p.shape) for p in self.params] if self.params else [(s,) for s in self.sizes]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"H @ v needs a tensor or a list of tensors, got a list of "
+                            f"{sorted({type(t).__name__ for t in tensors})}")
         if len(tensors) != len(shapes) or any(tuple(t.shape) != s for t, s in zip(tensors, shapes)):
             raise ValueError(f"expected {len(shapes)} tensors shaped like H.params {shapes}, "
                              f"got {[tuple(t.shape) for t in tensors]}")

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.analysis import SharpnessTracker
+from curvkit.analysis import SharpnessTracker, eigen_direction
 from curvkit.datasets import load_digits_tensors
-from curvkit.hessian import HessianOperator, eigenvalues
+from curvkit.hessian import GGNOperator, HessianOperator, PreconditionedOperator, eigenvalues
+from curvkit.optim import Sophia
 
 
 def _setup():
@@ -75,3 +76,25 @@ def test_bad_every_is_refused():
     model, X, Y = _setup()
     with pytest.raises(ValueError, match="every"):
         SharpnessTracker(model, F.mse_loss, (X, Y), every=0)
+
+
+def test_ggn_sharpness_and_curvkit_optimizers_say_their_own_threshold():
+    model, X, Y = _setup()
+    X, Y = X[:100].double(), Y[:100].double()
+    model = model.double()
+    opt = Sophia(model.parameters(), lr=1e-3, update_each=1, seed=0)
+    tracker = SharpnessTracker(model, F.mse_loss, (X, Y), optimizer=opt, every=1, tol=1e-8, operator="ggn")
+    for _ in range(2):
+        opt.step(lambda: F.mse_loss(model(X), Y))
+        tracker.step()
+    row = tracker.history.iloc[-1]
+    G = GGNOperator(model, F.mse_loss, (X, Y))
+    assert row["sharpness"] == pytest.approx(float(eigenvalues(G, k=1, seed=1, tol=1e-10).values[0]), rel=1e-6)
+    assert row["threshold"] == pytest.approx(opt.stability_threshold())
+    P = opt.preconditioner()
+    pre = eigenvalues(PreconditionedOperator(G, P), k=1, seed=1, tol=1e-10).values[0]
+    assert row["preconditioned_sharpness"] == pytest.approx(float(pre), rel=1e-6)
+    assert np.isnan(row["loss"]) or row["loss"] > 0
+    d = eigen_direction(model, F.mse_loss, (X, Y), operator="ggn", seed=0)[0]
+    v = torch.cat([d[n].flatten() for n, _ in model.named_parameters()])
+    torch.testing.assert_close((G @ v).norm(), torch.tensor(row["sharpness"], dtype=v.dtype), rtol=1e-5, atol=0)

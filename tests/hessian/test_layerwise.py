@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from curvkit.hessian import layerwise
+from curvkit.hessian import GGNOperator, layerwise
 from curvkit.hessian.lanczos import SegmentedLanczos
-from tests._models import hessian_case, spectrum_matrix
+from tests._models import dense_ggn, hessian_case, spectrum_matrix
 
 
 def _blocks(model, D, groups):
@@ -101,3 +101,27 @@ def test_layerwise_bad_input():
         layerwise(model, F.cross_entropy, data, stats=("frobenius",))
     with pytest.raises(ValueError, match="forms no group"):
         layerwise(model, F.cross_entropy, data, by=r"attention")
+
+
+def test_operator_ggn_gives_the_blocks_of_the_dense_ggn():
+    model, data, _ = hessian_case("gelu_mlp")
+    G = dense_ggn(model, F.cross_entropy, [data])
+    blocks = _blocks(model, G, _module_groups(model))
+    df = layerwise(model, F.cross_entropy, data, operator="ggn", rtol=0.02, max_matvecs=4000, eig_tol=1e-8,
+                   eig_steps=200, seed=0, progress=False)
+    exact_top = np.array([float(torch.linalg.eigvalsh(b)[-1]) for b in blocks])
+    np.testing.assert_allclose(df["top_eig"].to_numpy(), exact_top, rtol=1e-6, atol=1e-9)
+    z = (df["trace"].to_numpy() - np.array([float(b.trace()) for b in blocks])) / df["trace_stderr"].to_numpy()
+    assert np.all(np.abs(z) < 4.5), z
+    with pytest.raises(ValueError, match="operator must be one of"):
+        layerwise(model, F.cross_entropy, data, operator="fisher")
+    calls = []
+
+    def factory(model, loss_fn, data, **kw):
+        calls.append(sorted(kw))
+        return GGNOperator(model, loss_fn, data, **kw)
+
+    again = layerwise(model, F.cross_entropy, data, operator=factory, stats=("top_eig",), eig_tol=1e-8,
+                      eig_steps=200, seed=0, progress=False, bn_mode="eval")
+    np.testing.assert_allclose(again["top_eig"].to_numpy(), exact_top, rtol=1e-6, atol=1e-9)
+    assert calls == [["bn_mode"]]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import HessianOperator
-from tests._models import assert_untouched_by, dense_hessian, make_model
+from tests._models import dense_hessian, make_model
 
 
 def _products(H, D, seed=0):
@@ -26,19 +26,6 @@ def test_products_match_dense_hessian(model_and_hessian):
     got, want = _products(H, D)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert H.matvecs == 3
-
-
-def test_vector_forms_agree():
-    model, x, y = make_model("tanh_mlp")
-    H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
-    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
-    flat = H @ v
-    listed = H @ H.split(v)
-    assert [t.shape for t in listed] == [p.shape for p in H.params]
-    torch.testing.assert_close(H.flatten(listed), flat)
-    torch.testing.assert_close((H @ v[:, None])[:, 0], flat)
-    torch.testing.assert_close(torch.as_tensor(H.to_scipy() @ v.numpy()), flat)
-    torch.testing.assert_close((H @ v.float()).double(), flat, rtol=1e-6, atol=1e-7)
 
 
 def test_sub_block_by_glob_and_parameter():
@@ -69,16 +56,6 @@ def test_dataset_mode_weights_unequal_batches_by_sample_count():
     torch.testing.assert_close(got_dl, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
-def test_model_is_never_mutated(bn_mode):
-    def products(model, x, y):
-        H = HessianOperator(model, F.cross_entropy, [(x[:8], y[:8]), (x[8:], y[8:])], bn_mode=bn_mode)
-        H @ torch.randn(H.shape[0], 2)
-        assert "4.bias" not in H.param_names
-
-    assert_untouched_by(products)
-
-
 def test_bn_modes_use_running_or_batch_statistics():
     model, x, y = make_model("conv_bn")
     eval_H = HessianOperator(model, F.cross_entropy, (x, y), bn_mode="eval")
@@ -86,7 +63,8 @@ def test_bn_modes_use_running_or_batch_statistics():
     D_eval = dense_hessian(model, F.cross_entropy, [(x, y)])
     train_copy = copy.deepcopy(model).train()
     D_batch = dense_hessian(train_copy, F.cross_entropy, [(x, y)])
-    torch.testing.assert_close(_products(eval_H, D_eval)[0], _products(eval_H, D_eval)[1], rtol=1e-10, atol=1e-12)
+    got, want = _products(eval_H, D_eval)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got, want = _products(batch_H, D_batch)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(D_eval, D_batch)
