@@ -22,5 +22,5 @@ bench: install
 	$(PYTHON) benchmarks/engine_vs_anchors.py
 	$(PYTHON) benchmarks/scale_and_landscape.py
 
-lint:
+lint: install
 	$(PYTHON) -m ruff check curvkit tests benchmarks

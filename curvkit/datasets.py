@@ -6,7 +6,7 @@ import torch
 
 
 def load_digits_tensors(seed: int = 0):
-    """sklearn's 8x8 digits (ships offline), standardised, split 80/20 with a fixed seed."""
+    """Sklearn's 8x8 digits (ships offline), standardised, split 80/20 with a fixed seed."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the install

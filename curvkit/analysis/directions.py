@@ -1,5 +1,7 @@
-r"""Directions in parameter space for loss landscapes: random (filter-normalised), Hessian eigenvectors, or
-towards another set of weights. A direction is a dict ``name -> tensor`` shaped like the parameters.
+r"""Directions in parameter space for loss landscapes.
+
+Random (filter-normalised), Hessian eigenvectors, or towards another set of weights. A direction is a
+dict ``name -> tensor`` shaped like the parameters.
 
 Filter normalisation (Li et al. 2018): for a Gaussian direction d and each output filter f (row of a
 Linear weight, output channel of a Conv weight), d_f <- d_f ||theta_f|| / (||d_f|| + 1e-10), so a
@@ -35,11 +37,16 @@ def _normalise(d: torch.Tensor, theta: torch.Tensor, norm: str | None) -> torch.
 
 def random_direction(model: nn.Module, seed: Seed = 0, norm: str | None = "filter",
                      ignore: str | None = "biasbn") -> Direction:
-    r"""A Gaussian direction over every parameter, normalised per filter (``"filter"``), per tensor
-    (``"layer"``) or not at all (``None``). Reproducible from ``seed``; the global RNG is untouched.
+    r"""A Gaussian direction over every parameter, normalised per filter, per tensor or not at all.
 
-    >>> d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
-    >>> landscape_2d(model, F.cross_entropy, (x, y), d1, d2).plot()
+    Normalisation ``"filter"``, ``"layer"`` or ``None``; reproducible from ``seed``; the global RNG is untouched.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> d = random_direction(model, seed=0)
+    >>> torch.allclose(d["0.weight"].norm(dim=1), model[0].weight.detach().norm(dim=1))   # filter-normalised
+    True
+    >>> bool((d["0.bias"] == 0).all())                                                     # ignore="biasbn"
+    True
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -66,7 +73,11 @@ def eigen_direction(model: nn.Module, loss_fn: Any, data: Any, k: int = 1, seed:
     error bound (the vectors' residuals are then about its square root). Each vector's sign is fixed so that
     its largest-magnitude entry is positive, making directions reproducible.
 
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     >>> d1, d2 = eigen_direction(model, F.cross_entropy, (x, y), k=2)
+    >>> sorted(d1) == sorted(n for n, _ in model.named_parameters())
+    True
     """
     H = build_operator(operator, model, loss_fn, data, **operator_kwargs)
     res = eigenvalues(H, k=k, seed=seed, tol=tol, progress=False)
@@ -83,7 +94,10 @@ def eigen_direction(model: nn.Module, loss_fn: Any, data: Any, k: int = 1, seed:
 def direction_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Direction:
     """The direction from the model's weights to another set (``state_dict[name] - theta``), for interpolation.
 
-    >>> landscape_1d(model, F.cross_entropy, data, direction_to(model, other.state_dict()), span=(0, 1))
+    >>> model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    >>> d = direction_to(model, other.state_dict())
+    >>> torch.allclose(model.weight.detach() + d["weight"], other.weight.detach())
+    True
     """
     out = {}
     for name, p in model.named_parameters():

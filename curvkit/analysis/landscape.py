@@ -147,10 +147,16 @@ def _grid(span: tuple[float, float], steps: int) -> np.ndarray:
 
 def landscape_1d(model: nn.Module, loss_fn: Any, data: Any, d: Direction, span: tuple[float, float] = (-1, 1),
                  steps: int = 51, **kwargs: Any) -> Landscape:
-    r"""L(theta + x d) for ``steps`` values of x in ``span``; with :func:`direction_to`, x=0..1 interpolates
-    between two sets of weights.
+    r"""L(theta + x d) for ``steps`` values of x in ``span``.
 
-    >>> landscape_1d(model, F.cross_entropy, (x, y), random_direction(model)).plot()
+    With :func:`direction_to`, x = 0..1 interpolates between two sets of weights.
+
+    >>> from curvkit.analysis import random_direction
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> line = landscape_1d(model, F.cross_entropy, (x, y), random_direction(model), steps=11)
+    >>> bool(abs(line.loss[5] - float(F.cross_entropy(model(x), y))) < 1e-6)     # x = 0: the trained weights
+    True
     """
     x = _grid(span, steps)
     return Landscape(x, evaluate_grid(model, loss_fn, data, [d], x[:, None], **kwargs))
@@ -160,8 +166,12 @@ def landscape_2d(model: nn.Module, loss_fn: Any, data: Any, d1: Direction, d2: D
                  span: tuple[float, float] = (-1, 1), steps: int = 21, **kwargs: Any) -> Landscape:
     r"""L(theta + x[i] d1 + y[j] d2) on a ``steps`` x ``steps`` grid over ``span`` in both coordinates.
 
+    >>> from curvkit.analysis import eigen_direction
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     >>> d1, d2 = eigen_direction(model, F.cross_entropy, (x, y), k=2)
-    >>> landscape_2d(model, F.cross_entropy, (x, y), d1, d2, span=(-0.5, 0.5)).plot(kind="contour", log=True)
+    >>> land = landscape_2d(model, F.cross_entropy, (x, y), d1, d2, span=(-0.5, 0.5), steps=7)
+    >>> fig = land.plot(kind="contour", log=True)
     """
     x = _grid(span, steps)
     X, Y = np.meshgrid(x, x, indexing="ij")

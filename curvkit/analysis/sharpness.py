@@ -134,8 +134,10 @@ class SharpnessTracker:
         return self._own / max(time.perf_counter() - self._start, 1e-12)
 
     def _top(self, H: Any, key: str) -> float:
-        """Top eigenvalue, warm-started from the last eigenvector mixed with a fresh random vector so that
-        an eigenvalue overtaking the previous top one still enters the Krylov space."""
+        """Top eigenvalue, warm-started from the last eigenvector mixed with a fresh random vector.
+
+        The random part lets an eigenvalue that overtakes the previous top one enter the Krylov space.
+        """
         v0 = self._v0[key]
         if v0 is not None:
             self._probe_seed += 1

@@ -48,8 +48,14 @@ def train_mlp(train, seconds: float = 3.0, seed: int = 0) -> nn.Module:
 
 
 def run(out: str | Path = "curvkit-demo", seconds: float = 3.0, seed: int = 0) -> dict[str, Path]:
-    """Train, analyse and write three figures into ``out`` (eigenvalue density, 2-D landscape along the
-    top-2 eigenvectors, sharpness against 2/lr under full-batch GD); returns the paths written."""
+    """Train, analyse, and write three figures into ``out``.
+
+    The figures: eigenvalue density, the 2-D landscape along the top-2 eigenvectors, and sharpness
+    against 2/lr under full-batch GD.
+
+    Returns:
+        The paths written, by figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

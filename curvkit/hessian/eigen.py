@@ -51,8 +51,10 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
     when ``max_matvecs`` products are spent (then ``converged=False`` and a warning).
     ``v0`` warm-starts the recurrence (e.g. with the previous top eigenvector while training).
 
-    >>> res = eigenvalues(H, k=5, seed=0)
-    >>> res.values, res.residuals, res.converged
+    >>> H = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    >>> res = eigenvalues(H, k=2, tol=1e-12, seed=0)
+    >>> [round(v, 8) for v in res.values.tolist()], res.converged
+    ([20.0, 19.0], True)
     """
     n = check_operator(H)
     if which not in WHICH:

@@ -47,6 +47,7 @@ class Lanczos:
 
     @property
     def recurrences(self) -> int:
+        """The number of recurrences run in lock-step."""
         return self.basis.shape[0]
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,7 @@ class Lanczos:
 
     @property
     def done(self) -> bool:
+        """Whether every recurrence has stopped (invariant subspace or ``max_steps``)."""
         return self.steps >= self.max_steps or not bool(self.active.any())
 
     def step(self) -> None:
@@ -121,6 +123,7 @@ class SegmentedLanczos(Lanczos):
 
     @property
     def recurrences(self) -> int:
+        """One recurrence per segment."""
         return self.n_segments
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -135,6 +138,7 @@ class SegmentedLanczos(Lanczos):
         return (basis[0] * coeffs[self._index].T).sum(0, keepdim=True) * self._mask
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
+        """Ritz vectors of segment ``col``, zero outside it."""
         m = int(self.length[col])
         coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
         return (self.basis[0, :m].T @ coeffs) * (self.segments == col).to(torch.float64)[:, None]

@@ -12,10 +12,12 @@ one device). The ops have no derivatives: they run under ``torch.no_grad()``. Pr
 vectors from Philox4x32-10 keyed by ``(seed, offset)``, generated where they are used and
 bit-identical between the kernels and the reference on every device.
 
->>> from curvkit import kernels
->>> kernels.available()                                   # {"cpu": True, "cuda": False}
->>> zs = kernels.rademacher(params, seed=0, offset=step)  # +-1 probes shaped like params
->>> dots = kernels.accumulate_zhz_(d, hz, seed=0, offset=step)   # d += z * hz, dots[j] = z_j . hz_j
+.. code-block:: python
+
+    from curvkit import kernels
+    kernels.available()                                   # {"cpu": True, "cuda": False}
+    zs = kernels.rademacher(params, seed=0, offset=step)  # +-1 probes shaped like params
+    dots = kernels.accumulate_zhz_(d, hz, seed=0, offset=step)   # d += z * hz, dots[j] = z_j . hz_j
 """
 
 from __future__ import annotations
@@ -127,9 +129,12 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
                      probes: list[torch.Tensor] | None = None, windows: Sequence[int] | None = None,
                      next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0,
                      fused: bool | None = None) -> None:
-    """Fused AdaHessian update of one group: the curvature estimate is ``curvature``, or ``probes * curvature``
-    (curvature = Hz), averaged over ``windows``; afterwards ``next_probes`` (which may be ``probes``) receive
-    the probes of draw ``(probe_seed, next_offset)``. See :func:`curvkit.kernels.reference.adahessian_step_`."""
+    """Fused AdaHessian update of one parameter group.
+
+    The curvature estimate is ``curvature``, or ``probes * curvature`` (curvature = Hz), averaged over
+    ``windows``; afterwards ``next_probes`` (which may be ``probes``) receive the probes of draw
+    ``(probe_seed, next_offset)``. See :func:`curvkit.kernels.reference.adahessian_step_`.
+    """
     probes, windows, next_probes = probes or [], windows or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
              list(bias_correction1), list(bias_correction2))
@@ -147,8 +152,11 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
                  rho: float, eps: float, weight_decay: float, *, probes: list[torch.Tensor] | None = None,
                  next_probes: list[torch.Tensor] | None = None, probe_seed: int = 0, next_offset: int = 0,
                  fused: bool | None = None) -> None:
-    """Fused Sophia update of one group (estimate ``curvature`` or ``probes * curvature``; ``next_probes`` as in
-    :func:`adahessian_step_`); see :func:`curvkit.kernels.reference.sophia_step_`."""
+    """Fused Sophia update of one parameter group.
+
+    The estimate is ``curvature`` or ``probes * curvature``; ``next_probes`` as in :func:`adahessian_step_`.
+    See :func:`curvkit.kernels.reference.sophia_step_`.
+    """
     probes, next_probes = probes or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(rho), float(eps), float(weight_decay))
     if params and _call("sophia_step_", params[0], fused, params, grads, exp_avg, hessian, curvature, probes,
@@ -178,8 +186,11 @@ def rademacher_(out: list[torch.Tensor], seed: int, offset: int, *, fused: bool 
 @_no_grad
 def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, offset: int, alpha: float = 1.0,
                     accumulate: bool = True, *, fused: bool | None = None) -> torch.Tensor:
-    """``acc += alpha * z * hz`` with the probes z of draw ``(seed, offset)`` regenerated, not read;
-    returns the float64 dots ``z_j . hz_j``. See :func:`curvkit.kernels.reference.accumulate_zhz_`."""
+    """``acc += alpha * z * hz`` with the probes z of draw ``(seed, offset)`` regenerated, not read.
+
+    Returns:
+        The float64 dots ``z_j . hz_j``. See :func:`curvkit.kernels.reference.accumulate_zhz_`.
+    """
     reference._check_seed(seed, offset)
     if not acc:
         return torch.zeros(0, dtype=torch.float64)

@@ -10,7 +10,12 @@ is stored, and the same ``(seed, offset)`` gives the same probes on every rank a
 arithmetic is emulated exactly with int64 tensors (products split into 16-bit halves, never overflowing).
 
 >>> z = rademacher([torch.empty(3, 4), torch.empty(5)], seed=7, offset=0)   # +-1, bit-identical to the kernel's
->>> dots = accumulate_zhz_(acc, hz, seed=7, offset=0)  # acc += z * hz; dots[j] = z_j . hz_j
+>>> [tuple(t.shape) for t in z], bool(z[0].abs().eq(1).all())
+([(3, 4), (5,)], True)
+>>> acc, hz = [torch.zeros(3, 4), torch.zeros(5)], [torch.ones(3, 4), torch.ones(5)]
+>>> dots = accumulate_zhz_(acc, hz, seed=7, offset=0)   # acc += z * hz; dots[j] = z_j . hz_j
+>>> torch.equal(acc[0], z[0])
+True
 """
 
 from __future__ import annotations
@@ -67,8 +72,10 @@ def rademacher_flat(numel: int, seed: int, offset: int, dtype: torch.dtype = tor
 
 
 def rademacher(like: Sequence[torch.Tensor], seed: int, offset: int) -> list[torch.Tensor]:
-    """The probes of draw ``(seed, offset)`` as new contiguous tensors shaped like ``like`` (numbered as one
-    vector), each with its tensor's dtype and device."""
+    """The probes of draw ``(seed, offset)`` as new contiguous tensors shaped like ``like``.
+
+    The entries are numbered as one vector; each tensor has its model tensor's dtype and device.
+    """
     sizes = [t.numel() for t in like]
     first = like[0]
     flat = rademacher_flat(sum(sizes), seed, offset, first.dtype, first.device)
@@ -84,9 +91,13 @@ def rademacher_(out: Sequence[torch.Tensor], seed: int, offset: int) -> None:
 
 def accumulate_zhz_(acc: Sequence[torch.Tensor], hz: Sequence[torch.Tensor], seed: int, offset: int,
                     alpha: float = 1.0, accumulate: bool = True) -> torch.Tensor:
-    r"""``acc[j] = (acc[j] if accumulate else 0) + alpha * z_j * hz[j]`` with z the probes of draw
-    ``(seed, offset)``; returns the float64 dots ``z_j . hz[j]`` (v.Hv per tensor; their sum for the trace).
-    ``hz[j]`` may be ``acc[j]`` itself when ``accumulate`` is False."""
+    r"""``acc[j] = (acc[j] if accumulate else 0) + alpha * z_j * hz[j]`` with z the probes of draw ``(seed, offset)``.
+
+    ``hz[j]`` may be ``acc[j]`` itself when ``accumulate`` is False.
+
+    Returns:
+        The float64 dots ``z_j . hz[j]`` (v.Hv per tensor; their sum for the trace).
+    """
     if not acc:
         return torch.zeros(0, dtype=torch.float64)
     zhz = [z * h for z, h in zip(rademacher(acc, seed, offset), hz)]
@@ -101,8 +112,11 @@ def accumulate_zhz_(acc: Sequence[torch.Tensor], hz: Sequence[torch.Tensor], see
 
 def estimate(curvature: Sequence[torch.Tensor], probes: Sequence[torch.Tensor] | None = None,
              windows: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """The curvature estimate the updates use: ``curvature`` itself, or ``probes * curvature`` (curvature = Hz),
-    averaged over runs of ``windows[j]`` consecutive entries of tensor j (a conv weight's kernel window)."""
+    """The curvature estimate the updates use.
+
+    ``curvature`` itself, or ``probes * curvature`` (curvature = Hz), averaged over runs of ``windows[j]``
+    consecutive entries of tensor j (a conv weight's kernel window).
+    """
     d = [z * c for z, c in zip(probes, curvature)] if probes else list(curvature)
     if windows:
         d = [x if w == 1 else x.reshape(-1, w).mean(1, keepdim=True).expand(-1, w).reshape(x.shape)
@@ -170,8 +184,10 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
 
 
 def softmax_ce_hessian_product(logits: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
-    r"""``scale * (diag(p) - p p^T) u`` per row, p = softmax(logits) over dim 1: the output Hessian of
-    softmax cross-entropy (``scale`` = 1/B for a mean over B rows) applied to ``u``."""
+    r"""``scale * (diag(p) - p p^T) u`` per row, p = softmax(logits) over dim 1.
+
+    This is the output Hessian of softmax cross-entropy (``scale`` = 1/B for a mean over B rows) applied to ``u``.
+    """
     p = torch.softmax(logits, dim=1)
     pu = p * u
     return scale * (pu - p * pu.sum(1, keepdim=True))

@@ -123,7 +123,7 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         return {"update_each": self.update_each, "n_samples": self.n_samples, "estimator": self._estimator.name}
 
     def state_dict(self) -> dict:
-        """torch's state dict plus a ``"curvkit"`` entry: step count, generator, probe stream and settings."""
+        """Torch's state dict plus a ``"curvkit"`` entry: step count, generator, probe stream and settings."""
         state = super().state_dict()
         state["curvkit"] = {"steps": self._steps, "generator": self._generator.get_state(),
                             "probe_seed": self._probe_seed, "probe_offset": self._probe_offset,
@@ -229,8 +229,10 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         return loss
 
     def _next_probe_buffers(self, params, curvature: Curvature | None) -> list[torch.Tensor] | None:
-        """Where the update should write the next Hutchinson draw, in the same native call, when the next
-        step refreshes the curvature: this step's probe tensors, or new ones. None otherwise."""
+        """Where the update should write the next Hutchinson draw, in the same native call.
+
+        When the next step refreshes the curvature: this step's probe tensors, or new ones; None otherwise.
+        """
         if not self._estimator.draws_probes or not self._refresh_now():  # called after the step was counted
             return None
         if curvature is not None and curvature.probes is not None:
@@ -238,8 +240,10 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
     def _draw(self, params) -> list[torch.Tensor]:
-        """The Rademacher probes of the next draw: made in advance by the last update when they are for the
-        same parameters, else drawn now."""
+        """The Rademacher probes of the next draw.
+
+        Made in advance by the last update when they are for the same parameters, else drawn now.
+        """
         ready, self._prefetched = self._prefetched, None
         if (ready is not None and ready[0] == self._probe_offset and len(ready[1]) == len(params)
                 and all(p is q and z.shape == p.shape for p, q, z in zip(params, ready[1], ready[2]))):
@@ -314,8 +318,10 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
             offset += t.numel()
 
     def _init_and_count_state(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):
-        """Counts a step in every parameter's state (created on first use: zero buffers ``first`` and
-        ``second``, zero ``counters``); returns the states and the two buffer lists."""
+        """Count a step in every parameter's state; return the states and the two buffer lists.
+
+        A state is created on first use, with zero buffers ``first`` and ``second`` and zero ``counters``.
+        """
         states, firsts, seconds = [], [], []
         for p in params:
             st = self.state[p]
@@ -332,5 +338,8 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
     @abstractmethod
     def _update(self, group: dict, params: list, grads: list, curvature: Curvature | None,
                 next_probes: list[torch.Tensor] | None) -> None:
-        """Apply the update rule to ``params`` of one group (``curvature`` None on non-refresh steps), then
-        fill ``next_probes`` (when given) with the probes of draw ``self._probe_offset``."""
+        """Apply the update rule to ``params`` of one group.
+
+        ``curvature`` is None on steps that do not refresh it; afterwards ``next_probes`` (when given) receive
+        the probes of draw ``self._probe_offset``.
+        """

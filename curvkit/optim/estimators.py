@@ -27,8 +27,11 @@ Estimator = Union[str, EstimatorFn]
 
 
 class Curvature(NamedTuple):
-    """A step's diagonal curvature estimate per parameter: ``values`` itself, or ``probes * values`` when
-    ``probes`` are given (then ``values`` holds H z and the fused updates form the product themselves)."""
+    """A step's diagonal curvature estimate per parameter.
+
+    It is ``values`` itself, or ``probes * values`` when ``probes`` are given (then ``values`` holds H z
+    and the fused updates form the product themselves).
+    """
 
     values: list[torch.Tensor]
     probes: list[torch.Tensor] | None = None
@@ -97,6 +100,7 @@ class Hutchinson:
     draws_probes = True
 
     def __call__(self, ctx: EstimateContext) -> Curvature:
+        """The mean of z * Hz over ``ctx.n_samples`` probes (left to the fused update for one probe)."""
         total = None
         for i in range(ctx.n_samples):
             zs = ctx.draw()
@@ -114,8 +118,11 @@ class Hutchinson:
 
 
 class GaussNewtonBartlett:
-    r"""GNB: labels :math:`\hat y` sampled from softmax(logits); :math:`D = B\, \hat g \odot \hat g` with
-    :math:`\hat g = \nabla_\theta \mathrm{CE}(\mathrm{logits}, \hat y)` (Liu et al. 2023)."""
+    r"""Gauss-Newton-Bartlett (GNB) diagonal estimate.
+
+    Labels :math:`\hat y` sampled from softmax(logits); :math:`D = B\, \hat g \odot \hat g` with
+    :math:`\hat g = \nabla_\theta \mathrm{CE}(\mathrm{logits}, \hat y)` (Liu et al. 2023).
+    """
 
     name = "gnb"
     needs_graph = False
@@ -123,6 +130,7 @@ class GaussNewtonBartlett:
     draws_probes = False
 
     def __call__(self, ctx: EstimateContext) -> Curvature:
+        """B * ghat * ghat from one sampled label per row of the logits."""
         if ctx.logits is None:
             raise ValueError('estimator="gnb" needs the closure to return (loss, logits)')
         with torch.enable_grad():  # the step runs under no_grad; reshape may copy, which must be recorded
@@ -147,6 +155,7 @@ class CallableEstimator:
         self.fn = fn
 
     def __call__(self, ctx: EstimateContext) -> Curvature:
+        """The callable's output, detached."""
         with torch.enable_grad():
             return Curvature([d.detach() for d in self.fn(ctx.params, ctx.grads, ctx.generator)])
 
