@@ -33,7 +33,7 @@ def test_unknown_command_and_missing_arguments_fail_with_usage():
 
 
 def test_kernels_info_and_the_old_module_alias():
-    for argv in ([sys.executable, "-m", "curvkit", "kernels", "info"], [sys.executable, "-m", "curvkit.kernels", "info"]):
-        out = _run(*argv)
+    for module in (["curvkit", "kernels"], ["curvkit.kernels"]):
+        out = _run(sys.executable, "-m", *module, "info")
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("cpu") and "off (CURVKIT_KERNELS=0)" in out.stdout
