@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 # Before torch loads libgomp (it reads this once): under CPU contention, spinning OpenMP workers wait
-# for a descheduled peer at every parallel region; on a busy 2-core machine that inflated every
-# library's HVP from 0.6 ms to 150 ms and pushed all ratios to 1. Threads stay at torch's default.
+# for a descheduled peer at every parallel region, which inflates every library's products alike and
+# pushes all ratios to 1 (BENCHMARKS.md has the figures). Threads stay at torch's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # This checkout's curvkit, wherever an editable install happens to point.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

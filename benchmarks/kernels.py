@@ -44,7 +44,7 @@ ELEMENTWISE_TARGET = 2.0
 
 
 
-# The pre-kernel probe path, kept here as the baseline (the library now draws Philox probes).
+# The baseline the kernels replace: probes from a torch.Generator, then z * Hz and the foreach update.
 def rademacher_like(tensors: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
     """Independent +-1 tensors shaped like ``tensors``, drawn in one call from ``generator``."""
     sizes = [t.numel() for t in tensors]
@@ -146,7 +146,7 @@ def elementwise_variants(model: nn.Module) -> dict[str, Callable[[], object]]:
             if probes is None:  # the same work on the reference path
                 reference.adahessian_step_(p, grads, m, v, hz, *hyper, probes=z_foreach, next_probes=z_foreach,
                                            probe_seed=0, next_offset=1)
-            else:  # the pre-kernel path: torch.Generator probes, z * Hz, the foreach update
+            else:  # the baseline: torch.Generator probes, z * Hz, the foreach update
                 z = rademacher_like(p, probes)
                 torch._foreach_mul_(z, hz)
                 reference.adahessian_step_(p, grads, m, v, z, *hyper)

@@ -41,6 +41,31 @@ def error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
     return bounds
 
 
+def _check_args(n: int, k: int, which: str, tol: float, max_matvecs: int | None) -> int:
+    """Validate the arguments of :func:`eigenvalues`; return the product budget."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k >= n:
+        raise ValueError(f"k={k} must be smaller than the operator size n={n}; use a dense eigensolver for all of them")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    budget = min(n, 100 + 20 * k) if max_matvecs is None else int(max_matvecs)
+    if budget < k + 1:
+        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}: Lanczos needs at least k+1 products")
+    return min(budget, n)
+
+
+def _start_vector(H: Any, n: int, seed: Seed, v0: torch.Tensor | None) -> torch.Tensor:
+    """The (n, 1) float64 start vector: ``v0``, or a Gaussian one from ``seed``."""
+    if v0 is None:
+        return gaussian(n, 1, make_generator(seed, shared=getattr(H, "distributed", False)), H.device)
+    if v0.shape != (n,) or not bool(v0.abs().sum() > 0):
+        raise ValueError(f"v0 must be a non-zero vector of shape ({n},), got shape {tuple(v0.shape)}")
+    return v0.to(device=H.device, dtype=torch.float64).reshape(n, 1)
+
+
 def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: int | None = None,
                 seed: Seed = None, progress: bool | None = None, v0: torch.Tensor | None = None) -> EigResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
@@ -55,27 +80,27 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
     >>> res = eigenvalues(H, k=2, tol=1e-12, seed=0)
     >>> [round(v, 8) for v in res.values.tolist()], res.converged
     ([20.0, 19.0], True)
+
+    Args:
+        H: a symmetric operator (or dense tensor).
+        k: how many eigenpairs.
+        which: ``"LA"``, ``"SA"`` or ``"LM"``.
+        tol: the relative error bound every requested value must reach.
+        max_matvecs: the product budget (default min(n, 100 + 20 k)).
+        seed: an int, a ``torch.Generator`` or None for the start vector.
+        progress: show a progress bar (None: when stderr is a terminal).
+        v0: a start vector of shape (n,) instead of a random one.
+
+    Returns:
+        An :class:`~curvkit.hessian.results.EigResult` (values, vectors, residuals, converged, matvecs).
+
+    Raises:
+        ValueError: bad ``which``, ``k``, ``tol``, ``max_matvecs`` or ``v0``.
+        TypeError: ``H`` is not a square operator.
     """
     n = check_operator(H)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k >= n:
-        raise ValueError(f"k={k} must be smaller than the operator size n={n}; use a dense eigensolver for all of them")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    budget = min(n, 100 + 20 * k) if max_matvecs is None else int(max_matvecs)
-    if budget < k + 1:
-        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}: Lanczos needs at least k+1 products")
-    budget = min(budget, n)
-
-    if v0 is None:
-        start = gaussian(n, 1, make_generator(seed, shared=getattr(H, "distributed", False)), H.device)
-    elif v0.shape != (n,) or not bool(v0.abs().sum() > 0):
-        raise ValueError(f"v0 must be a non-zero vector of shape ({n},), got shape {tuple(v0.shape)}")
-    else:
-        start = v0.to(device=H.device, dtype=torch.float64).reshape(n, 1)
+    budget = _check_args(n, k, which, tol, max_matvecs)
+    start = _start_vector(H, n, seed, v0)
     lanczos = Lanczos(H, start, budget)
     floor = 10 * operator_eps(H)
     converged = False

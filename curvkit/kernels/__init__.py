@@ -91,7 +91,7 @@ def _warn_unverified(kind: str) -> None:
 _ops: dict[str, torch._ops.OpOverload] = {}
 
 
-def _call(name: str, first: torch.Tensor, fused: bool | None, *args):
+def _run_native(name: str, first: torch.Tensor, fused: bool | None, *args):
     """Run kernel ``name`` if the dispatch allows; ``NotImplemented`` where the reference must run.
 
     The kernels check their arguments before touching any data, so an argument they refuse
@@ -138,7 +138,7 @@ def adahessian_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
     probes, windows, next_probes = probes or [], windows or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
              list(bias_correction1), list(bias_correction2))
-    if params and _call("adahessian_step_", params[0], fused, params, grads, exp_avg, exp_hess_sq, curvature,
+    if params and _run_native("adahessian_step_", params[0], fused, params, grads, exp_avg, exp_hess_sq, curvature,
                         probes, list(windows), next_probes, _signed(probe_seed), _signed(next_offset),
                         *hyper) is NotImplemented:
         reference.adahessian_step_(params, grads, exp_avg, exp_hess_sq, curvature, *hyper, probes=probes,
@@ -159,7 +159,7 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
     """
     probes, next_probes = probes or [], next_probes or []
     hyper = (float(lr), float(beta1), float(beta2), float(rho), float(eps), float(weight_decay))
-    if params and _call("sophia_step_", params[0], fused, params, grads, exp_avg, hessian, curvature, probes,
+    if params and _run_native("sophia_step_", params[0], fused, params, grads, exp_avg, hessian, curvature, probes,
                         next_probes, _signed(probe_seed), _signed(next_offset), *hyper) is NotImplemented:
         reference.sophia_step_(params, grads, exp_avg, hessian, curvature, *hyper, probes=probes,
                                next_probes=next_probes, probe_seed=probe_seed, next_offset=next_offset)
@@ -168,18 +168,18 @@ def sophia_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg:
 @_no_grad
 def rademacher(like: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> list[torch.Tensor]:
     """The Rademacher probes of draw ``(seed, offset)`` as new contiguous tensors shaped like ``like``."""
-    reference._check_seed(seed, offset)
+    reference.check_seed(seed, offset)
     if not like:
         return []
-    out = _call("rademacher", like[0], fused, like, _signed(seed), _signed(offset))
+    out = _run_native("rademacher", like[0], fused, like, _signed(seed), _signed(offset))
     return reference.rademacher(like, seed, offset) if out is NotImplemented else out
 
 
 @_no_grad
 def rademacher_(out: list[torch.Tensor], seed: int, offset: int, *, fused: bool | None = None) -> None:
     """Fill ``out`` with the Rademacher probes of draw ``(seed, offset)``; see :mod:`curvkit.kernels.reference`."""
-    reference._check_seed(seed, offset)
-    if out and _call("rademacher_", out[0], fused, out, _signed(seed), _signed(offset)) is NotImplemented:
+    reference.check_seed(seed, offset)
+    if out and _run_native("rademacher_", out[0], fused, out, _signed(seed), _signed(offset)) is NotImplemented:
         reference.rademacher_(out, seed, offset)
 
 
@@ -191,10 +191,10 @@ def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, 
     Returns:
         The float64 dots ``z_j . hz_j``. See :func:`curvkit.kernels.reference.accumulate_zhz_`.
     """
-    reference._check_seed(seed, offset)
+    reference.check_seed(seed, offset)
     if not acc:
         return torch.zeros(0, dtype=torch.float64)
-    dots = _call("accumulate_zhz_", acc[0], fused, acc, hz, _signed(seed), _signed(offset), float(alpha),
+    dots = _run_native("accumulate_zhz_", acc[0], fused, acc, hz, _signed(seed), _signed(offset), float(alpha),
                  bool(accumulate))
     if dots is NotImplemented:
         dots = reference.accumulate_zhz_(acc, hz, seed, offset, alpha, accumulate)
@@ -205,7 +205,7 @@ def accumulate_zhz_(acc: list[torch.Tensor], hz: list[torch.Tensor], seed: int, 
 def softmax_ce_hessian_product(logits: torch.Tensor, u: torch.Tensor, scale: float, *,
                                fused: bool | None = None) -> torch.Tensor:
     """``scale * (diag(p) - p p^T) u`` per row of 2-D ``logits``, p = softmax(logits, 1), in one pass."""
-    out = _call("softmax_ce_hessian_product", logits, fused, logits, u, float(scale))
+    out = _run_native("softmax_ce_hessian_product", logits, fused, logits, u, float(scale))
     return reference.softmax_ce_hessian_product(logits, u, scale) if out is NotImplemented else out
 
 

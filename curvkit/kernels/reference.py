@@ -53,7 +53,12 @@ def philox4x32_10(counter: Sequence[torch.Tensor | int], key: tuple[int, int]) -
     return [c if isinstance(c, torch.Tensor) else torch.tensor(c) for c in (c0, c1, c2, c3)]
 
 
-def _check_seed(seed: int, offset: int) -> None:
+def check_seed(seed: int, offset: int) -> None:
+    """Refuse a probe ``seed`` or ``offset`` outside [0, 2^64).
+
+    Raises:
+        ValueError: either is out of range.
+    """
     if not (0 <= seed < 2**64 and 0 <= offset < 2**64):
         raise ValueError(f"seed and offset must be integers in [0, 2^64), got {seed!r} and {offset!r}")
 
@@ -61,7 +66,7 @@ def _check_seed(seed: int, offset: int) -> None:
 def rademacher_flat(numel: int, seed: int, offset: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """The first ``numel`` probes of draw ``(seed, offset)`` as one flat +-1 tensor."""
-    _check_seed(seed, offset)
+    check_seed(seed, offset)
     blocks = -(-numel // PROBES_PER_BLOCK)
     index = torch.arange(blocks, dtype=torch.int64, device=device)
     words = philox4x32_10([index & _MASK32, index >> 32, offset & _MASK32, offset >> 32],
