@@ -22,14 +22,14 @@ from .inputs import input_hvp
 from .lanczos import Lanczos, SegmentedLanczos
 from .layerwise import layerwise
 from .model import ModelOperator
-from .operator import CurvatureOperator, DiagonalSandwich, ScaledOperator, ShiftedOperator
+from .operator import AffineOperator, CurvatureOperator, DiagonalSandwich
 from .preconditioned import PreconditionedOperator
 from .results import DiagResult, EigResult, TraceResult
 from .trace import trace
 
 __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
-    "ShiftedOperator", "ScaledOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
+    "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
 ]

@@ -7,7 +7,7 @@ only the sizes of the blocks it acts on (parameters are optional), and it compos
 
 .. math:: (H + cI) v, \qquad (aH) v, \qquad D H D v \ (D \text{ diagonal})
 
-via :meth:`CurvatureOperator.shift`, ``a * H`` and :class:`DiagonalSandwich`, each again an operator
+via :class:`AffineOperator` (``H.shift(c)``, ``a * H``) and :class:`DiagonalSandwich`, each again an operator
 (damped Newton systems and trust-region sub-problems need the first, preconditioned sharpness the last).
 """
 
@@ -162,19 +162,19 @@ class CurvatureOperator(ABC):
         """``H @ v`` for one flat vector (operators with a cheaper single product override this)."""
         return self._matmat(v[:, None])[:, 0]
 
-    def shift(self, c: float) -> ShiftedOperator:
+    def shift(self, c: float) -> AffineOperator:
         """The operator ``H + c I`` (a damped or regularised system)."""
-        return ShiftedOperator(self, c)
+        return AffineOperator(self, shift=c)
 
-    def __mul__(self, a: float) -> ScaledOperator:
+    def __mul__(self, a: float) -> AffineOperator:
         if not isinstance(a, (int, float)) or isinstance(a, bool):
             return NotImplemented
-        return ScaledOperator(self, a)
+        return AffineOperator(self, scale=a)
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> ScaledOperator:
-        return ScaledOperator(self, -1.0)
+    def __neg__(self) -> AffineOperator:
+        return AffineOperator(self, scale=-1.0)
 
     def to_scipy(self) -> LinearOperator:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` (float64, symmetric)."""
@@ -217,41 +217,31 @@ class _Composed(CurvatureOperator):
         return getattr(self.H, "max_block", 16)
 
 
-class ShiftedOperator(_Composed):
-    r"""``H + c I``: the operator ``H`` shifted by ``c`` times the identity.
+class AffineOperator(_Composed):
+    r"""``a H + c I``: the operator ``H`` scaled by ``a`` and shifted by ``c`` times the identity.
 
-    >>> A = ShiftedOperator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)), 0.5)
-    >>> (A @ torch.ones(2, dtype=torch.float64)).tolist()
-    [1.5, 2.5]
+    ``H.shift(c)`` and ``a * H`` build it; a damped Newton system is ``H.shift(damping)``.
+
+    >>> D = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> (AffineOperator(D, scale=2.0, shift=0.5) @ torch.ones(2, dtype=torch.float64)).tolist()
+    [2.5, 4.5]
 
     Args:
         H: a square operator or dense tensor.
-        c: the shift.
+        scale: the factor a.
+        shift: the shift c.
     """
 
-    def __init__(self, H: Any, c: float):
+    def __init__(self, H: Any, scale: float = 1.0, shift: float = 0.0):
         super().__init__(H)
-        self.c = float(c)
+        self.scale, self.c = float(scale), float(shift)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         V = V.to(torch.float64)
-        return matmat_float64(self.H, V) + self.c * V
-
-
-class ScaledOperator(_Composed):
-    r"""``a H``: the operator ``H`` times the scalar ``a``.
-
-    Args:
-        H: a square operator or dense tensor.
-        a: the factor.
-    """
-
-    def __init__(self, H: Any, a: float):
-        super().__init__(H)
-        self.a = float(a)
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.a * matmat_float64(self.H, V.to(torch.float64))
+        out = matmat_float64(self.H, V)
+        if self.scale != 1.0:
+            out = out.mul_(self.scale)
+        return out.add_(V, alpha=self.c) if self.c else out
 
 
 class DiagonalSandwich(_Composed):

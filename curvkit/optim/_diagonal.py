@@ -179,9 +179,15 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
     def _preconditioner(self, group: dict, state: dict) -> torch.Tensor:
         """P of one parameter from its group and state."""
 
-    @abstractmethod
     def stability_threshold(self) -> float:
-        """The largest eigenvalue of the preconditioned Hessian P^-1 H at which the update is still stable."""
+        """The largest eigenvalue of P^-1 H at which the update is still stable: (2 + 2 b1) / ((1 - b1) lr).
+
+        The step is lr * m / P with m an EMA of the gradient (factor b1 of the first group), which on a
+        quadratic is stable while lr * lambda(P^-1 H) < (2 + 2 b1) / (1 - b1), as for Adam (Cohen et al. 2022).
+        """
+        group = self.param_groups[0]
+        b1 = group["betas"][0]
+        return (2 + 2 * b1) / ((1 - b1) * group["lr"])
 
     # ------------------------------------------------------------------ step
     def _refresh_now(self) -> bool:

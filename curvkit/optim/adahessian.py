@@ -73,12 +73,6 @@ class AdaHessian(DiagonalCurvatureOptimizer):
         v = state["exp_hessian_diag_sq"] / (1 - b2 ** state["curvature_updates"])
         return (1 - b1 ** state["step"]) * (v.double() ** (group["hessian_power"] / 2) + group["eps"])
 
-    def stability_threshold(self) -> float:
-        """(2 + 2 b1) / ((1 - b1) lr) of the first group: the threshold of Adam-like EMA momentum."""
-        group = self.param_groups[0]
-        b1 = group["betas"][0]
-        return (2 + 2 * b1) / ((1 - b1) * group["lr"])
-
     def _update(self, group, params, grads, curvature, next_probes):
         beta1, beta2 = group["betas"]
         states, exp_avg, exp_sq = self._init_and_count_state(params, "exp_avg", "exp_hessian_diag_sq",

@@ -65,12 +65,6 @@ class Sophia(DiagonalCurvatureOptimizer):
         """P = max(rho h, eps): the unclipped step is lr * m / P (clipped coordinates take sign steps)."""
         return (group["rho"] * state["hessian"].double()).clamp_min(group["eps"])
 
-    def stability_threshold(self) -> float:
-        """(2 + 2 b1) / ((1 - b1) lr) of the first group: EMA momentum as in Adam, for unclipped coordinates."""
-        group = self.param_groups[0]
-        b1 = group["betas"][0]
-        return (2 + 2 * b1) / ((1 - b1) * group["lr"])
-
     def _update(self, group, params, grads, curvature, next_probes):
         beta1, beta2 = group["betas"]
         _, exp_avg, hessian = self._init_and_count_state(params, "exp_avg", "hessian")

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from curvkit.hessian import (
+    AffineOperator,
     DiagonalSandwich,
     GGNOperator,
     HessianOperator,
     PreconditionedOperator,
-    ShiftedOperator,
 )
 from tests._models import assert_untouched_by, dense_ggn, hessian_case, make_model
 
@@ -118,14 +118,15 @@ def test_model_is_never_mutated(name, bn_mode):
 def test_compositions_over_dense_matrices_and_their_bad_input():
     D = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     v = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    assert (ShiftedOperator(D, 1.0) @ v).tolist() == [2.0, -1.0, 4.0]
-    assert ((2 * ShiftedOperator(D, 1.0)) @ v).tolist() == [4.0, -2.0, 8.0]
-    assert ((-ShiftedOperator(D, 0.0)) @ v).tolist() == [-1.0, 2.0, -3.0]
+    assert (AffineOperator(D, shift=1.0) @ v).tolist() == [2.0, -1.0, 4.0]
+    assert ((2 * AffineOperator(D, shift=1.0)) @ v).tolist() == [4.0, -2.0, 8.0]
+    assert ((-AffineOperator(D)) @ v).tolist() == [-1.0, 2.0, -3.0]
+    assert (AffineOperator(D, scale=0.5, shift=-1.0) @ v).tolist() == [-0.5, -2.0, 0.5]
     assert (DiagonalSandwich(D, torch.tensor([1.0, 2.0, 0.5])) @ v).tolist() == [1.0, -8.0, 0.75]
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         DiagonalSandwich(D, torch.ones(4))
     with pytest.raises(TypeError, match="square"):
-        ShiftedOperator(torch.ones(2, 3), 1.0)
+        AffineOperator(torch.ones(2, 3), shift=1.0)
     model, x, y = make_model("tanh_mlp")
     H = HessianOperator(model, F.cross_entropy, (x, y))
     assert H.shift(1.0).param_names == H.param_names and H.shift(1.0).offsets == H.offsets
