@@ -126,4 +126,15 @@ inline void bump_versions(at::TensorList tensors) {
   for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// The epilogue of every fused update: bump the version counters of the tensors it wrote, then write the
+// next draw into next_probes with the device's fill, after every read of the probes (they may alias).
+inline void finish_update(at::TensorList params, at::TensorList first, at::TensorList second,
+                          at::TensorList next_probes, int64_t probe_seed, int64_t next_offset,
+                          void (*fill)(at::TensorList, int64_t, int64_t)) {
+  bump_versions(params);
+  bump_versions(first);
+  bump_versions(second);
+  if (!next_probes.empty()) fill(next_probes, probe_seed, next_offset);
+}
+
 }  // namespace curvkit

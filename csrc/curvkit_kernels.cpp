@@ -185,10 +185,7 @@ void adahessian_step_cpu(at::TensorList params, at::TensorList grads_in, at::Ten
       else chunk(std::false_type{});
     });
   });
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(exp_hess_sq);
-  if (!next_probes.empty()) rademacher_inplace_cpu(next_probes, probe_seed, next_offset);  // after all reads
+  finish_update(params, exp_avg, exp_hess_sq, next_probes, probe_seed, next_offset, &rademacher_inplace_cpu);
 }
 
 // ------------------------------------------------------------------------------------ Sophia
@@ -215,10 +212,7 @@ void sophia_step_cpu(at::TensorList params, at::TensorList grads_in, at::TensorL
                    });
     });
   });
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(hessian);
-  if (!next_probes.empty()) rademacher_inplace_cpu(next_probes, probe_seed, next_offset);  // after all reads
+  finish_update(params, exp_avg, hessian, next_probes, probe_seed, next_offset, &rademacher_inplace_cpu);
 }
 
 // acc[i] = (accumulate ? acc[i] : 0) + alpha * z[k] * hz[i] over one run; returns the run's sum of z * hz.

@@ -179,10 +179,7 @@ void adahessian_step_cuda(at::TensorList params, at::TensorList grads_in, at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(exp_hess_sq);
-  if (!next_probes.empty()) rademacher_inplace_cuda(next_probes, probe_seed, next_offset);  // after the update
+  finish_update(params, exp_avg, exp_hess_sq, next_probes, probe_seed, next_offset, &rademacher_inplace_cuda);
 }
 
 void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avg, at::TensorList hessian,
@@ -209,10 +206,7 @@ void sophia_step_cuda(at::TensorList params, at::TensorList grads_in, at::Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  bump_versions(params);
-  bump_versions(exp_avg);
-  bump_versions(hessian);
-  if (!next_probes.empty()) rademacher_inplace_cuda(next_probes, probe_seed, next_offset);  // after the update
+  finish_update(params, exp_avg, hessian, next_probes, probe_seed, next_offset, &rademacher_inplace_cuda);
 }
 
 // ------------------------------------------------------------------------------------ probes

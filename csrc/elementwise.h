@@ -33,11 +33,29 @@ CURVKIT_HD T lerp(T self, T end, T weight, bool small_weight) {
   return small_weight ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
+// What both updates share: the EMA weights of the gradient (w1 = 1 - b1) and of the curvature (b2, w2 = 1 - b2),
+// eps, and decoupled weight decay (decay = 1 - lr wd).
 template <typename T>
-struct AdaHessianScalars {
-  T w1, b2, w2, eps, decay, half_power;
-  T step, bc2;  // per tensor: -lr / bias_correction1, bias_correction2
+struct EmaScalars {
+  T w1, b2, w2, eps, decay;
   bool small_w1, apply_decay;
+};
+
+template <typename T>
+void set_ema_scalars(EmaScalars<T>& s, double lr, double beta1, double beta2, double eps, double weight_decay) {
+  s.w1 = static_cast<T>(1.0 - beta1);
+  s.small_w1 = (1.0 - beta1) < 0.5 && (1.0 - beta1) > -0.5;
+  s.b2 = static_cast<T>(beta2);
+  s.w2 = static_cast<T>(1.0 - beta2);
+  s.eps = static_cast<T>(eps);
+  s.decay = static_cast<T>(1.0 - lr * weight_decay);
+  s.apply_decay = weight_decay != 0.0;
+}
+
+template <typename T>
+struct AdaHessianScalars : EmaScalars<T> {
+  T half_power;
+  T step, bc2;  // per tensor: -lr / bias_correction1, bias_correction2
 };
 
 // m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) d^2 (when kHasD); returns
@@ -54,9 +72,8 @@ CURVKIT_HD T adahessian_element(T p, T g, T d, T& m, T& v, const AdaHessianScala
 }
 
 template <typename T>
-struct SophiaScalars {
-  T w1, b2, w2, rho, eps, decay, neg_lr;
-  bool small_w1, apply_decay;
+struct SophiaScalars : EmaScalars<T> {
+  T rho, neg_lr;
 };
 
 // m = lerp(m, g, 1 - b1); h = b2 h + (1 - b2) d (when kHasD); returns p (1 - lr wd) - lr clip(m / max(rho h, eps), 1).
@@ -79,13 +96,7 @@ template <typename T>
 AdaHessianScalars<T> adahessian_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
                                         double hessian_power) {
   AdaHessianScalars<T> s;
-  s.w1 = static_cast<T>(1.0 - beta1);
-  s.small_w1 = (1.0 - beta1) < 0.5 && (1.0 - beta1) > -0.5;
-  s.b2 = static_cast<T>(beta2);
-  s.w2 = static_cast<T>(1.0 - beta2);
-  s.eps = static_cast<T>(eps);
-  s.decay = static_cast<T>(1.0 - lr * weight_decay);
-  s.apply_decay = weight_decay != 0.0;
+  set_ema_scalars(s, lr, beta1, beta2, eps, weight_decay);
   s.half_power = static_cast<T>(hessian_power / 2.0);
   s.step = T(0);
   s.bc2 = T(1);
@@ -95,14 +106,8 @@ AdaHessianScalars<T> adahessian_scalars(double lr, double beta1, double beta2, d
 template <typename T>
 SophiaScalars<T> sophia_scalars(double lr, double beta1, double beta2, double rho, double eps, double weight_decay) {
   SophiaScalars<T> s;
-  s.w1 = static_cast<T>(1.0 - beta1);
-  s.small_w1 = (1.0 - beta1) < 0.5 && (1.0 - beta1) > -0.5;
-  s.b2 = static_cast<T>(beta2);
-  s.w2 = static_cast<T>(1.0 - beta2);
+  set_ema_scalars(s, lr, beta1, beta2, eps, weight_decay);
   s.rho = static_cast<T>(rho);
-  s.eps = static_cast<T>(eps);
-  s.decay = static_cast<T>(1.0 - lr * weight_decay);
-  s.apply_decay = weight_decay != 0.0;
   s.neg_lr = static_cast<T>(-lr);
   return s;
 }
