@@ -24,12 +24,13 @@ from .layerwise import layerwise
 from .model import ModelOperator
 from .operator import AffineOperator, CurvatureOperator, DiagonalSandwich
 from .preconditioned import PreconditionedOperator
-from .results import DiagResult, EigResult, TraceResult
+from .results import DiagResult, EigResult, SolveResult, TraceResult
+from .solve import cg, steihaug
 from .trace import trace
 
 __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
-    "EigResult", "TraceResult", "DiagResult", "Spectrum",
+    "cg", "steihaug", "EigResult", "TraceResult", "DiagResult", "SolveResult", "Spectrum",
 ]
