@@ -101,7 +101,7 @@ class Spectrum:
 
 
 def density(H: Any, n_probes: int | None = None, n_iter: int | None = None, seed: Seed = None,
-            progress: bool | None = None) -> Spectrum:
+            progress: bool | None = None, basis_dtype: torch.dtype = torch.float64) -> Spectrum:
     r"""Spectral density of H by stochastic Lanczos quadrature.
 
     Runs ``n_probes`` Lanczos recurrences (``n_iter`` steps each, full reorthogonalisation) in
@@ -112,6 +112,20 @@ def density(H: Any, n_probes: int | None = None, n_iter: int | None = None, seed
     >>> sorted({round(v, 6) for v in spec.nodes.tolist()})       # 4 steps find the 3 distinct eigenvalues
     [1.0, 2.0, 5.0]
     >>> fig = spec.plot()                                         # fig.savefig("esd.png")
+
+    Args:
+        H: a symmetric operator (or dense tensor).
+        n_probes: Rademacher probes (default 10).
+        n_iter: Lanczos steps per probe (default min(80, n)).
+        seed: an int, a ``torch.Generator`` or None for the probes.
+        progress: show a progress bar (None: when stderr is a terminal).
+        basis_dtype: the dtype the Lanczos vectors are stored in (see :class:`~curvkit.hessian.Lanczos`).
+
+    Returns:
+        A :class:`Spectrum` of ``n_probes * n_iter`` weighted nodes.
+
+    Raises:
+        ValueError: ``n_probes`` or ``n_iter`` below 1.
     """
     n = check_operator(H)
     n_probes = DEFAULT_PROBES if n_probes is None else int(n_probes)
@@ -119,7 +133,7 @@ def density(H: Any, n_probes: int | None = None, n_iter: int | None = None, seed
     if n_probes < 1 or n_iter < 1:
         raise ValueError(f"n_probes and n_iter must be positive, got {n_probes} and {n_iter}")
     gen = make_generator(seed, shared=getattr(H, "distributed", False))
-    lanczos = Lanczos(H, rademacher_matrix(n, n_probes, gen, H.device), n_iter)
+    lanczos = Lanczos(H, rademacher_matrix(n, n_probes, gen, H.device), n_iter, basis_dtype)
     with progress_bar(total=lanczos.max_steps, desc="slq", enable=progress) as bar:
         while not lanczos.done:
             lanczos.step()

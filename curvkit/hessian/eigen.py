@@ -67,7 +67,8 @@ def _start_vector(H: Any, n: int, seed: Seed, v0: torch.Tensor | None) -> torch.
 
 
 def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: int | None = None,
-                seed: Seed = None, progress: bool | None = None, v0: torch.Tensor | None = None) -> EigResult:
+                seed: Seed = None, progress: bool | None = None, v0: torch.Tensor | None = None,
+                basis_dtype: torch.dtype = torch.float64) -> EigResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
@@ -90,6 +91,8 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
         seed: an int, a ``torch.Generator`` or None for the start vector.
         progress: show a progress bar (None: when stderr is a terminal).
         v0: a start vector of shape (n,) instead of a random one.
+        basis_dtype: ``torch.float32`` stores the Lanczos vectors in half the memory (accuracy then
+            limited near 1e-7 relative to the spectrum's scale); the arithmetic stays float64.
 
     Returns:
         An :class:`~curvkit.hessian.results.EigResult` (values, vectors, residuals, converged, matvecs).
@@ -101,7 +104,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "LA", tol: float = 1e-6, max_ma
     n = check_operator(H)
     budget = _check_args(n, k, which, tol, max_matvecs)
     start = _start_vector(H, n, seed, v0)
-    lanczos = Lanczos(H, start, budget)
+    lanczos = Lanczos(H, start, budget, basis_dtype)
     floor = 10 * operator_eps(H)
     converged = False
     with progress_bar(total=budget, desc="lanczos", enable=progress) as bar:

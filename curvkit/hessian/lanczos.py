@@ -21,21 +21,41 @@ from scipy.linalg import eigh_tridiagonal
 from .operator import matmat_float64, operator_eps
 
 
+CHUNK_BYTES = 32 * 2**20   # the basis grows in chunks of 4 vectors, or of as many as fit in 32 MiB if more
+
+
 class Lanczos:
     """Lanczos recurrences started from the columns of ``V0`` (shape ``(n, b)``), run in lock-step.
 
     Call :meth:`step` repeatedly; a recurrence stops when its Krylov space becomes invariant
-    (``beta`` ~ 0, its tridiagonal is then exact) or after ``max_steps`` steps. The basis is stored
-    as ``(rows, max_steps + 1, n)`` so that reorthogonalisation is two batched matrix products.
+    (``beta`` ~ 0, its tridiagonal is then exact) or after ``max_steps`` steps. The basis grows as
+    the recurrence runs, in chunks of ``(b, k, n)`` (k = 4 vectors for large n, more while a chunk
+    stays under 32 MiB), so a run of m steps holds its m + 1 vectors and at most 3 unused ones (or under
+    32 MiB of them), whatever ``max_steps`` allows; reorthogonalisation is two batched matrix products per chunk.
+    ``basis_dtype=torch.float32`` halves the basis memory; the Lanczos vectors are then orthonormal to
+    float32 precision only, which bounds the attainable accuracy near 1e-7 relative to ||H||.
+
+    Args:
+        H: a symmetric operator (or dense tensor).
+        V0: the start vectors, one column per recurrence (normalised here).
+        max_steps: the most steps (products per recurrence); capped at n.
+        basis_dtype: the dtype the Lanczos vectors are stored in (the arithmetic is float64).
     """
 
-    def __init__(self, H: Any, V0: torch.Tensor, max_steps: int):
+    def __init__(self, H: Any, V0: torch.Tensor, max_steps: int, basis_dtype: torch.dtype = torch.float64):
         n = V0.shape[0]
+        if basis_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"basis_dtype must be torch.float64 or torch.float32, got {basis_dtype}")
         self.H = H
         self.max_steps = min(max_steps, n)
+        self.basis_dtype = basis_dtype
         rows = V0.T.to(torch.float64)
-        self.basis = torch.zeros(rows.shape[0], self.max_steps + 1, n, dtype=torch.float64, device=V0.device)
-        self.basis[:, 0] = rows * self._spread(self._dot(rows, rows).rsqrt())
+        self._rows = rows.shape[0]
+        vector_bytes = max(self._rows * n * torch.finfo(basis_dtype).bits // 8, 1)
+        self._chunk = max(4, min(self.max_steps + 1, CHUNK_BYTES // vector_bytes))
+        self._chunks: list[torch.Tensor] = []
+        self.stored = 0
+        self._append(rows * self._spread(self._dot(rows, rows).rsqrt()))
         r = self.recurrences
         self.alpha = torch.zeros(r, self.max_steps, dtype=torch.float64)
         self.beta = torch.zeros(r, self.max_steps, dtype=torch.float64)
@@ -48,7 +68,38 @@ class Lanczos:
     @property
     def recurrences(self) -> int:
         """The number of recurrences run in lock-step."""
-        return self.basis.shape[0]
+        return self._rows
+
+    def _append(self, q: torch.Tensor) -> None:
+        """Store the next Lanczos vectors ``(b, n)``, allocating a chunk when the last one is full."""
+        k = self.stored % self._chunk
+        if k == 0:
+            capacity = min(self._chunk, self.max_steps + 1 - self.stored)
+            self._chunks.append(q.new_empty(q.shape[0], capacity, q.shape[1], dtype=self.basis_dtype))
+        self._chunks[-1][:, k] = q
+        self.stored += 1
+
+    def _blocks(self, stop: int):
+        """The stored vectors ``0 .. stop - 1`` as float64 blocks ``(b, k, n)``, one chunk at a time."""
+        for i, chunk in enumerate(self._chunks):
+            start = i * self._chunk
+            if start >= stop:
+                return
+            yield chunk[:, : stop - start].to(torch.float64)
+
+    def _vector(self, j: int) -> torch.Tensor:
+        """Lanczos vectors ``j`` of every recurrence, ``(b, n)`` in float64."""
+        return self._chunks[j // self._chunk][:, j % self._chunk].to(torch.float64)
+
+    def _basis_times(self, col: int, m: int, coeffs: torch.Tensor) -> torch.Tensor:
+        """``Q_m[col] coeffs``: the first m vectors of recurrence ``col`` (as columns) times ``(m, k)`` coeffs."""
+        out, start = None, 0
+        for block in self._blocks(m):
+            k = block.shape[1]
+            part = block[col].T @ coeffs[start:start + k]
+            out = part if out is None else out + part
+            start += k
+        return out
 
     def _dot(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Inner products per recurrence: ``(b, j, n) x (b, n) -> (b, j)`` or ``(b, n) x (b, n) -> (b,)``."""
@@ -72,12 +123,12 @@ class Lanczos:
     def step(self) -> None:
         """One Lanczos step of every recurrence (one product per row of the basis)."""
         j = self.steps
-        q = self.basis[:, j]
+        q = self._vector(j)
         w = matmat_float64(self.H, q.T).T.contiguous()
         alpha = self._dot(q, w)
-        previous = self.basis[:, : j + 1]
-        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
-            w -= self._combine(previous, self._dot(previous, w))
+        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis, a chunk at a time
+            for block in self._blocks(j + 1):
+                w -= self._combine(block, self._dot(block, w))
         beta = self._dot(w, w).sqrt()
         active = self.active.to(beta.device)
         self._scale = max(self._scale, float(alpha.abs().max()), float(beta.max()))
@@ -86,7 +137,7 @@ class Lanczos:
         self.alpha[:, j] = torch.where(active, alpha, 0).cpu()
         self.beta[:, j] = torch.where(keep, beta, 0).cpu()
         self.length[self.active] = j + 1
-        self.basis[:, j + 1] = w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0))
+        self._append(w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0)))
         self.active &= ~broke.cpu()
         self.steps = j + 1
 
@@ -101,8 +152,7 @@ class Lanczos:
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
         """Ritz vectors ``Q_m S`` for recurrence ``col`` (``S`` from :meth:`ritz`)."""
         m = int(self.length[col])
-        coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
-        return self.basis[col, :m].T @ coeffs
+        return self._basis_times(col, m, torch.as_tensor(S, dtype=torch.float64, device=self._chunks[0].device))
 
 
 class SegmentedLanczos(Lanczos):
@@ -113,13 +163,14 @@ class SegmentedLanczos(Lanczos):
     basis vector per step instead of G.
     """
 
-    def __init__(self, H: Any, v0: torch.Tensor, segments: torch.Tensor, max_steps: int):
+    def __init__(self, H: Any, v0: torch.Tensor, segments: torch.Tensor, max_steps: int,
+                 basis_dtype: torch.dtype = torch.float64):
         self.segments = segments.to(v0.device)
         self.n_segments = int(segments.max()) + 1
         self._mask = (self.segments >= 0).to(torch.float64)
         self._index = self.segments.clamp_min(0)
         sizes = torch.bincount(self._index[self.segments >= 0], minlength=self.n_segments)
-        super().__init__(H, (v0.reshape(-1) * self._mask)[:, None], min(max_steps, int(sizes.max())))
+        super().__init__(H, (v0.reshape(-1) * self._mask)[:, None], min(max_steps, int(sizes.max())), basis_dtype)
 
     @property
     def recurrences(self) -> int:
@@ -140,5 +191,5 @@ class SegmentedLanczos(Lanczos):
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:
         """Ritz vectors of segment ``col``, zero outside it."""
         m = int(self.length[col])
-        coeffs = torch.as_tensor(S, dtype=torch.float64, device=self.basis.device)
-        return (self.basis[0, :m].T @ coeffs) * (self.segments == col).to(torch.float64)[:, None]
+        coeffs = torch.as_tensor(S, dtype=torch.float64, device=self._chunks[0].device)
+        return self._basis_times(0, m, coeffs) * (self.segments == col).to(torch.float64)[:, None]

@@ -74,3 +74,33 @@ def test_bad_arguments_raise(kwargs, match):
     A = spectrum_matrix(torch.linspace(0, 1, 60))
     with pytest.raises(ValueError, match=match):
         eigenvalues(A, **kwargs)
+
+
+def test_the_basis_grows_with_the_recurrence_in_small_chunks(monkeypatch):
+    import curvkit.hessian.lanczos as lanczos_module
+
+    monkeypatch.setattr(lanczos_module, "CHUNK_BYTES", 1)        # force 4-vector chunks, as for a large model
+    eigs = torch.cat([torch.tensor([50.0, 40.0]), torch.linspace(0.0, 1.0, 398)])
+    H = spectrum_matrix(eigs.double(), seed=3)
+    seen = {}
+    original = lanczos_module.Lanczos.step
+
+    def spy(self):
+        original(self)
+        seen["allocated"] = sum(c.shape[1] for c in self._chunks)
+        seen["stored"] = self.stored
+
+    monkeypatch.setattr(lanczos_module.Lanczos, "step", spy)
+    res = eigenvalues(H, k=2, tol=1e-10, seed=0)
+    torch.testing.assert_close(res.values, torch.tensor([50.0, 40.0], dtype=torch.float64), rtol=1e-9, atol=0)
+    assert res.matvecs < 100 and seen["stored"] == res.matvecs + 1
+    assert seen["allocated"] - seen["stored"] < 4          # never more than 3 vectors beyond those in use
+
+
+def test_a_float32_basis_halves_memory_and_keeps_seven_digits():
+    eigs = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-1.0, 1.0, 198)])
+    H = spectrum_matrix(eigs.double(), seed=4)
+    res = eigenvalues(H, k=2, tol=1e-6, seed=0, basis_dtype=torch.float32)
+    torch.testing.assert_close(res.values, torch.tensor([10.0, 9.0], dtype=torch.float64), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        eigenvalues(H, k=1, basis_dtype=torch.float16)
