@@ -20,7 +20,6 @@ from scipy.linalg import eigh_tridiagonal
 
 from .operator import matmat_float64, operator_eps
 
-
 CHUNK_BYTES = 32 * 2**20   # the basis grows in chunks of 4 vectors, or of as many as fit in 32 MiB if more
 
 
