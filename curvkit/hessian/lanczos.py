@@ -3,8 +3,10 @@
 For a symmetric H and unit q_0, m steps give an orthonormal basis Q_m and a tridiagonal
 T_m = Q_m^T H Q_m (diagonal ``alpha``, off-diagonal ``beta``) with
 H Q_m = Q_m T_m + beta_m q_m e_m^T. The eigenpairs (theta, s) of T_m are Ritz pairs with
-residual ||H Q_m s - theta Q_m s|| = |beta_m s_m|. Every new vector is orthogonalised twice
-against the whole basis ("twice is enough"), so no ghost eigenvalues appear.
+residual ||H Q_m s - theta Q_m s|| = |beta_m s_m|. After the three-term recurrence every new vector is
+orthogonalised against the whole basis, and once more when that pass cancelled more than 1 - 1/sqrt(2)
+of its norm (Daniel, Gragg, Kaufman & Stewart's criterion; "twice is enough"), so no ghost eigenvalues
+appear.
 
 All start vectors in a block advance in lock-step: each step is one ``H @ V`` over the block,
 which lets dataset operators build each batch's graph once per step.
@@ -21,6 +23,7 @@ from scipy.linalg import eigh_tridiagonal
 from .operator import matmat_float64, operator_eps
 
 CHUNK_BYTES = 32 * 2**20   # the basis grows in chunks of 4 vectors, or of as many as fit in 32 MiB if more
+REPEAT_BELOW = 2 ** -0.5   # reorthogonalise a second time when the first pass removed more than this share
 
 
 class Lanczos:
@@ -90,6 +93,11 @@ class Lanczos:
         """Lanczos vectors ``j`` of every recurrence, ``(b, n)`` in float64."""
         return self._chunks[j // self._chunk][:, j % self._chunk].to(torch.float64)
 
+    def _reorthogonalise(self, w: torch.Tensor, stop: int) -> None:
+        """Classical Gram-Schmidt of ``w`` against the stored vectors ``0 .. stop - 1``, a chunk at a time."""
+        for block in self._blocks(stop):
+            w -= self._combine(block, self._dot(block, w))
+
     def _basis_times(self, col: int, m: int, coeffs: torch.Tensor) -> torch.Tensor:
         """``Q_m[col] coeffs``: the first m vectors of recurrence ``col`` (as columns) times ``(m, k)`` coeffs."""
         out, start = None, 0
@@ -125,10 +133,15 @@ class Lanczos:
         q = self._vector(j)
         w = matmat_float64(self.H, q.T).T.contiguous()
         alpha = self._dot(q, w)
-        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis, a chunk at a time
-            for block in self._blocks(j + 1):
-                w -= self._combine(block, self._dot(block, w))
+        w -= q * self._spread(alpha)                       # the three-term recurrence ...
+        if j > 0:
+            w -= self._vector(j - 1) * self._spread(self.beta[:, j - 1].to(w.device))
+        before = self._dot(w, w).sqrt()
+        self._reorthogonalise(w, j + 1)                    # ... then full reorthogonalisation
         beta = self._dot(w, w).sqrt()
+        if bool((beta < REPEAT_BELOW * before).any()):      # cancellation: once more ("twice is enough")
+            self._reorthogonalise(w, j + 1)
+            beta = self._dot(w, w).sqrt()
         active = self.active.to(beta.device)
         self._scale = max(self._scale, float(alpha.abs().max()), float(beta.max()))
         broke = active & (beta <= self._breakdown * max(self._scale, 1e-300))
