@@ -23,6 +23,7 @@ state. The draw is the one that would be made on time, bit for bit.
 
 from __future__ import annotations
 
+import math
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -203,10 +204,11 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
 
         The step is lr * m / P with m an EMA of the gradient (factor b1 of the first group), which on a
         quadratic is stable while lr * lambda(P^-1 H) < (2 + 2 b1) / (1 - b1), as for Adam (Cohen et al. 2022).
+        At lr 0 (the end of a schedule that decays to zero) no curvature is unstable: the threshold is inf.
         """
         group = self.param_groups[0]
-        b1 = group["betas"][0]
-        return (2 + 2 * b1) / ((1 - b1) * group["lr"])
+        b1, lr = group["betas"][0], group["lr"]
+        return (2 + 2 * b1) / ((1 - b1) * lr) if lr else math.inf
 
     # ------------------------------------------------------------------ step
     def _refresh_now(self) -> bool:
