@@ -39,7 +39,9 @@ With Lightning's features:
   optimizer: use manual optimization with ``opt.step(lambda: (loss_fn(logits := self(x), y), logits))``.
 
 ``training_step`` of a ``CurvatureModule`` subclass runs with PyTorch's twice-differentiable attention
-kernel on steps that keep the graph (the fused kernels have no double backward).
+kernel on steps that keep the graph (the fused kernels have no double backward). Train in one process:
+a DDP-wrapped model cannot double-backward (curvkit's optimizers average over ranks themselves; see
+:mod:`curvkit.optim`).
 """
 
 from __future__ import annotations
