@@ -2,11 +2,11 @@
 
 A step gets its gradient either from a closure (the optimizer calls ``torch.autograd.grad``
 itself, with ``create_graph`` only on curvature steps) or from ``.grad`` left by
-``loss.backward(create_graph=True)``. A closure that runs backward itself, as training frameworks'
-closures do (PyTorch Lightning's), is recognised by the ``.grad`` it changed and read like the
-second form. Either way ``.grad`` ends graph-free, so no parameter <-> gradient reference cycle
-survives the step. The closure's forward runs with PyTorch's twice-differentiable attention kernel
-selected (the fused ones have no double backward).
+``loss.backward(create_graph=True)``. A closure that runs backward itself and returns the loss
+detached, as training frameworks' closures do (PyTorch Lightning's), is recognised by the ``.grad``
+it changed and read like the second form. Either way ``.grad`` ends graph-free, so no parameter <->
+gradient reference cycle survives the step. The closure's forward runs with PyTorch's
+twice-differentiable attention kernel selected (the fused ones have no double backward).
 
 Hutchinson probes are Rademacher vectors from Philox4x32-10 keyed by (probe seed, probe offset)
 (:mod:`curvkit.kernels`): the seed is the optimizer's ``seed`` (a Generator's initial seed; fresh
@@ -233,9 +233,10 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
 
         Args:
             closure: returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``); the optimizer then
-                differentiates it. A closure may instead run backward itself and return the loss (detached or
-                not), as Lightning's do: then, and without a closure, ``.grad`` must come from
-                ``loss.backward(create_graph=True)`` on steps where :meth:`next_step_needs_graph` was True.
+                differentiates it (whatever the closure did to ``.grad``). A closure may instead run backward
+                itself and return the loss detached, as Lightning's do: then, and without a closure, ``.grad``
+                must come from ``loss.backward(create_graph=True)`` on steps where :meth:`next_step_needs_graph`
+                was True.
 
         Returns:
             The closure's loss (detached), or None without a closure.
@@ -301,7 +302,8 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         with torch.enable_grad(), twice_differentiable():
             out = closure()
             loss, logits = out if isinstance(out, tuple) else (out, None)
-            ran_backward = isinstance(loss, torch.Tensor) and _grads_changed(trainable, marks)
+            ran_backward = (isinstance(loss, torch.Tensor) and not loss.requires_grad
+                            and _grads_changed(trainable, marks))
             if not ran_backward:
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                     raise ValueError("the closure must return the loss as a scalar tensor that requires grad, got "
@@ -309,7 +311,7 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
                 grads = torch.autograd.grad(loss, trainable,
                                             create_graph=refresh and self._estimator.needs_graph,
                                             retain_graph=True if logits_needed else None, allow_unused=True)
-        if ran_backward:  # as Lightning's closures do: read .grad as after loss.backward()
+        if ran_backward:  # and returned the loss detached, as Lightning's closures do: read .grad
             return (loss.detach(), *self._from_backward(params, refresh, in_closure=True))
         live, grads = _drop_unused(trainable, grads)
         curvature = self._curvature(grads, live, logits) if refresh else None

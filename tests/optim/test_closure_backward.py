@@ -73,7 +73,7 @@ def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        return loss
+        return loss.detach()
 
     before = _flat(model)
     with pytest.raises(RuntimeError, match=r"closure ran backward itself.*create_graph=True.*CurvatureModule"):
@@ -83,6 +83,22 @@ def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do
     assert not opt.next_step_needs_graph()
     opt.step(plain)                                   # a step that does not refresh the curvature needs no graph
     assert not torch.equal(before, _flat(model))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(case, set_to_none):
+    model, x, y = _model_and_data()
+    twin = copy.deepcopy(model)
+    a, b = case.make(model.parameters(), seed=5, update_each=2), case.make(twin.parameters(), seed=5, update_each=2)
+
+    def zeroing():  # a torch-style closure with its backward removed: zero_grad stays, harmlessly
+        b.zero_grad(set_to_none=set_to_none)
+        return F.cross_entropy(twin(x), y)
+
+    for _ in range(3):
+        a.step(lambda: F.cross_entropy(model(x), y))
+        b.step(zeroing)
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=0)
 
 
 def test_next_step_needs_graph_follows_update_each_and_the_estimator(case):
