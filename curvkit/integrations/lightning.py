@@ -27,7 +27,8 @@ What happens: Lightning's automatic optimization calls ``optimizer.step(closure)
 ``training_step`` and ``backward``. ``CurvatureModule.backward`` passes ``create_graph=True`` exactly when the
 optimizer's next step refreshes its curvature (``optimizer.next_step_needs_graph()``, so ``update_each``
 steps in between cost a plain backward), and the optimizer reads the gradient and its graph from ``.grad``.
-With Lightning's features:
+Manual optimization works too (``self.manual_backward(loss)`` keeps the graph the same way, then
+``opt.step()``). With Lightning's features:
 
 - ``accumulate_grad_batches``: every micro-batch of a refreshing step keeps its graph, so the curvature
   is that of the accumulated (mean) loss, as for the gradient;

@@ -234,12 +234,12 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         Args:
             closure: returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``); the optimizer then
                 differentiates it (whatever the closure did to ``.grad``). A closure may instead run backward
-                itself and return the loss detached, as Lightning's do: then, and without a closure, ``.grad``
-                must come from ``loss.backward(create_graph=True)`` on steps where :meth:`next_step_needs_graph`
-                was True.
+                itself and return the loss detached, as Lightning's do, or return None with the gradients in
+                ``.grad``: then, and without a closure, ``.grad`` must come from
+                ``loss.backward(create_graph=True)`` on steps where :meth:`next_step_needs_graph` was True.
 
         Returns:
-            The closure's loss (detached), or None without a closure.
+            The closure's loss (detached), or None without one.
 
         Raises:
             ValueError: a closure that did not run backward does not return a scalar loss that requires grad.
@@ -302,17 +302,19 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         with torch.enable_grad(), twice_differentiable():
             out = closure()
             loss, logits = out if isinstance(out, tuple) else (out, None)
-            ran_backward = (isinstance(loss, torch.Tensor) and not loss.requires_grad
-                            and _grads_changed(trainable, marks))
-            if not ran_backward:
+            # the gradient is in .grad when the closure ran backward and returned the loss detached (Lightning's
+            # closures) or returned nothing with gradients present (Lightning's closure in manual optimization)
+            from_grad = (loss is None and any(p.grad is not None for p in trainable)) or (
+                isinstance(loss, torch.Tensor) and not loss.requires_grad and _grads_changed(trainable, marks))
+            if not from_grad:
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                     raise ValueError("the closure must return the loss as a scalar tensor that requires grad, got "
                                      f"{type(loss).__name__}: return loss_fn(model(x), y), not loss.item() or None")
                 grads = torch.autograd.grad(loss, trainable,
                                             create_graph=refresh and self._estimator.needs_graph,
                                             retain_graph=True if logits_needed else None, allow_unused=True)
-        if ran_backward:  # and returned the loss detached, as Lightning's closures do: read .grad
-            return (loss.detach(), *self._from_backward(params, refresh, in_closure=True))
+        if from_grad:
+            return (None if loss is None else loss.detach(), *self._from_backward(params, refresh))
         live, grads = _drop_unused(trainable, grads)
         curvature = self._curvature(grads, live, logits) if refresh else None
         grads = [g.detach() if g.requires_grad else g for g in grads]
@@ -320,18 +322,17 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
             p.grad = g
         return loss.detach(), live, grads, curvature
 
-    def _from_backward(self, params, refresh, in_closure=False):
+    def _from_backward(self, params, refresh):
         live = [p for p in params if p.grad is not None]
         curvature = None
         if refresh and live:
-            where = "the closure ran backward itself, so " if in_closure else ""
             if self._estimator.needs_logits:
-                raise RuntimeError(f'{where}estimator="{self._estimator.name}" has no logits: pass a closure '
-                                   "returning (loss, logits) without calling backward: "
+                raise RuntimeError(f'estimator="{self._estimator.name}" needs the logits: pass a closure returning '
+                                   "(loss, logits) without calling backward: "
                                    "opt.step(lambda: (loss_fn(logits := model(x), y), logits))")
             if not any(p.grad.requires_grad for p in live):
                 raise RuntimeError(
-                    f"this step refreshes the curvature, which needs the gradient's graph, but {where}.grad came "
+                    "this step refreshes the curvature, which needs the gradient's graph, but .grad came "
                     "from a backward without create_graph=True: call loss.backward(create_graph=True) when "
                     "opt.next_step_needs_graph() (in Lightning derive from curvkit.integrations.lightning."
                     "CurvatureModule, in Hugging Face use curvkit.integrations.transformers.CurvatureTrainer), "

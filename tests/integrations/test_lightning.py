@@ -142,6 +142,32 @@ def test_training_matches_curvkits_closure_loop_and_keeps_the_graph_only_on_curv
     assert module.graph_steps == [step % update_each == 0 for step in range(EPOCHS * N // BATCH)]
 
 
+def test_manual_optimization_with_manual_backward_matches_the_closure_loop():
+    make, update_each = OPTIMIZERS["AdaHessian-update_each=3"]
+
+    class Manual(Classifier):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = F.cross_entropy(self(x), y)
+            self.manual_backward(loss)
+            opt.step()
+            self.losses.append(loss.detach())
+
+    module = Manual(_mlp(), make)
+    _fit(module)
+    net = _mlp()
+    expected = _closure_loop(net, make(net.parameters()), _batches())
+    torch.testing.assert_close(torch.stack(module.losses), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_flat(module.net), _flat(net), rtol=1e-10, atol=1e-12)
+    assert module.graph_steps == [step % update_each == 0 for step in range(EPOCHS * N // BATCH)]
+
+
 def test_a_learning_rate_scheduler_steps_as_in_the_closure_loop():
     make = OPTIMIZERS["AdaHessian"][0]
     schedule = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)  # noqa: E731
