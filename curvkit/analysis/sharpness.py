@@ -11,6 +11,7 @@ threshold (2 + 2b)/lr with momentum b; AdaHessian: P = (1 - b1^t) diag(Dhat_t^k 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -23,6 +24,11 @@ from ..hessian import PreconditionedOperator, build_operator, eigenvalues
 from ..hessian.factory import OperatorSpec
 
 COLUMNS = ["step", "loss", "sharpness", "preconditioned_sharpness", "threshold", "matvecs", "seconds"]
+
+
+def _per_lr(c: float, lr: float) -> float:
+    """The threshold c / lr; inf at lr 0 (the end of a schedule that decays to zero), where nothing is unstable."""
+    return c / lr if lr else math.inf
 
 
 def stability(optimizer: torch.optim.Optimizer | None, H: Any) -> tuple[float, torch.Tensor | None]:
@@ -50,25 +56,25 @@ def stability(optimizer: torch.optim.Optimizer | None, H: Any) -> tuple[float, t
     if isinstance(optimizer, torch.optim.SGD):
         b = group.get("momentum", 0.0)
         if group.get("nesterov", False):
-            return (2 + 2 * b) / ((1 + 2 * b) * lr), None
-        return (2 + 2 * b) / lr, None
+            return _per_lr((2 + 2 * b) / (1 + 2 * b), lr), None
+        return _per_lr(2 + 2 * b, lr), None
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         b1, b2 = group["betas"]
         if not ready:
-            return (2 + 2 * b1) / ((1 - b1) * lr), None
+            return _per_lr((2 + 2 * b1) / (1 - b1), lr), None
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         P = []
         for st in state:
             t = float(st["step"])
             P.append((1 - b1**t) * ((st[key] / (1 - b2**t)).sqrt() + group["eps"]))
-        return (2 + 2 * b1) / ((1 - b1) * lr), H.flatten(P).to(torch.float64)
+        return _per_lr((2 + 2 * b1) / (1 - b1), lr), H.flatten(P).to(torch.float64)
     if isinstance(optimizer, torch.optim.RMSprop):
         b = group.get("momentum", 0.0)
         if not ready:
-            return (2 + 2 * b) / lr, None
+            return _per_lr(2 + 2 * b, lr), None
         P = [((st["square_avg"] - st["grad_avg"] ** 2) if group.get("centered") else st["square_avg"]).sqrt()
              + group["eps"] for st in state]
-        return (2 + 2 * b) / lr, H.flatten(P).to(torch.float64)
+        return _per_lr(2 + 2 * b, lr), H.flatten(P).to(torch.float64)
     return float("nan"), None
 
 

@@ -2,9 +2,11 @@
 
 A step gets its gradient either from a closure (the optimizer calls ``torch.autograd.grad``
 itself, with ``create_graph`` only on curvature steps) or from ``.grad`` left by
-``loss.backward(create_graph=True)``. Either way ``.grad`` ends graph-free, so no
-parameter <-> gradient reference cycle survives the step. The closure's forward runs with
-PyTorch's twice-differentiable attention kernel selected (the fused ones have no double backward).
+``loss.backward(create_graph=True)``. A closure that runs backward itself and returns the loss
+detached, as training frameworks' closures do (PyTorch Lightning's), is recognised by the ``.grad``
+it changed and read like the second form. Either way ``.grad`` ends graph-free, so no parameter <->
+gradient reference cycle survives the step. The closure's forward runs with PyTorch's
+twice-differentiable attention kernel selected (the fused ones have no double backward).
 
 Hutchinson probes are Rademacher vectors from Philox4x32-10 keyed by (probe seed, probe offset)
 (:mod:`curvkit.kernels`): the seed is the optimizer's ``seed`` (a Generator's initial seed; fresh
@@ -21,6 +23,8 @@ state. The draw is the one that would be made on time, bit for bit.
 
 from __future__ import annotations
 
+import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +73,22 @@ def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor],
         return params, list(grads)
     kept = [(p, g) for p, g in zip(params, grads) if g is not None]
     return [p for p, _ in kept], [g for _, g in kept]
+
+
+def _grad_marks(params: list[torch.Tensor]) -> list:
+    """What identifies each parameter's ``.grad`` now: a weak reference and its version (None without one)."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+
+def _grads_changed(params: list[torch.Tensor], marks: list) -> bool:
+    """Whether a backward ran since ``marks``: some ``.grad`` was set, replaced, cleared or accumulated into."""
+    for p, mark in zip(params, marks):
+        if mark is None:
+            if p.grad is not None:
+                return True
+        elif p.grad is None or mark[0]() is not p.grad or mark[1] != p.grad._version:
+            return True
+    return False
 
 
 class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
@@ -184,14 +204,27 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
 
         The step is lr * m / P with m an EMA of the gradient (factor b1 of the first group), which on a
         quadratic is stable while lr * lambda(P^-1 H) < (2 + 2 b1) / (1 - b1), as for Adam (Cohen et al. 2022).
+        At lr 0 (the end of a schedule that decays to zero) no curvature is unstable: the threshold is inf.
         """
         group = self.param_groups[0]
-        b1 = group["betas"][0]
-        return (2 + 2 * b1) / ((1 - b1) * group["lr"])
+        b1, lr = group["betas"][0], group["lr"]
+        return (2 + 2 * b1) / ((1 - b1) * lr) if lr else math.inf
 
     # ------------------------------------------------------------------ step
     def _refresh_now(self) -> bool:
         return self._steps % self.update_each == 0
+
+    def next_step_needs_graph(self) -> bool:
+        """Whether the next step differentiates the gradients, so that a backward before it needs ``create_graph``.
+
+        True on the steps that refresh the curvature (every ``update_each``-th) with an estimator that
+        needs the gradient's graph. Code that calls backward for the optimizer (training frameworks,
+        :mod:`curvkit.integrations`) asks this to pay for the graph only when it is used.
+
+        Returns:
+            True when ``.grad`` must come from ``backward(create_graph=True)`` before the next ``step()``.
+        """
+        return self._refresh_now() and self._estimator.needs_graph
 
     @with_torch_step_hooks
     @torch.no_grad()
@@ -199,15 +232,17 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         """One step.
 
         Args:
-            closure: returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``) and must not call
-                backward. Without a closure, ``.grad`` must come from ``loss.backward(create_graph=True)``
-                on curvature steps.
+            closure: returns the loss (or ``(loss, logits)`` for ``estimator="gnb"``); the optimizer then
+                differentiates it (whatever the closure did to ``.grad``). A closure may instead run backward
+                itself and return the loss detached, as Lightning's do, or return None with the gradients in
+                ``.grad``: then, and without a closure, ``.grad`` must come from
+                ``loss.backward(create_graph=True)`` on steps where :meth:`next_step_needs_graph` was True.
 
         Returns:
-            The closure's loss (detached), or None without a closure.
+            The closure's loss (detached), or None without one.
 
         Raises:
-            ValueError: the closure does not return a scalar loss that requires grad.
+            ValueError: a closure that did not run backward does not return a scalar loss that requires grad.
             RuntimeError: a curvature step without the gradient's graph.
         """
         refresh = self._refresh_now()
@@ -262,15 +297,24 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
 
     def _from_closure(self, closure, params, refresh):
         logits_needed = refresh and self._estimator.needs_logits
+        trainable = [p for p in params if p.requires_grad]
+        marks = _grad_marks(trainable)
         with torch.enable_grad(), twice_differentiable():
             out = closure()
             loss, logits = out if isinstance(out, tuple) else (out, None)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                raise ValueError("the closure must return the loss as a scalar tensor that requires grad "
-                                 "(and must not call backward itself)")
-            trainable = [p for p in params if p.requires_grad]
-            grads = torch.autograd.grad(loss, trainable, create_graph=refresh and self._estimator.needs_graph,
-                                        retain_graph=True if logits_needed else None, allow_unused=True)
+            # the gradient is in .grad when the closure ran backward and returned the loss detached (Lightning's
+            # closures) or returned nothing with gradients present (Lightning's closure in manual optimization)
+            from_grad = (loss is None and any(p.grad is not None for p in trainable)) or (
+                isinstance(loss, torch.Tensor) and not loss.requires_grad and _grads_changed(trainable, marks))
+            if not from_grad:
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise ValueError("the closure must return the loss as a scalar tensor that requires grad, got "
+                                     f"{type(loss).__name__}: return loss_fn(model(x), y), not loss.item() or None")
+                grads = torch.autograd.grad(loss, trainable,
+                                            create_graph=refresh and self._estimator.needs_graph,
+                                            retain_graph=True if logits_needed else None, allow_unused=True)
+        if from_grad:
+            return (None if loss is None else loss.detach(), *self._from_backward(params, refresh))
         live, grads = _drop_unused(trainable, grads)
         curvature = self._curvature(grads, live, logits) if refresh else None
         grads = [g.detach() if g.requires_grad else g for g in grads]
@@ -283,13 +327,17 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         curvature = None
         if refresh and live:
             if self._estimator.needs_logits:
-                raise RuntimeError(f'estimator="{self._estimator.name}" needs a closure returning (loss, logits): '
+                raise RuntimeError(f'estimator="{self._estimator.name}" needs the logits: pass a closure returning '
+                                   "(loss, logits) without calling backward: "
                                    "opt.step(lambda: (loss_fn(logits := model(x), y), logits))")
             if not any(p.grad.requires_grad for p in live):
                 raise RuntimeError(
-                    "this step refreshes the curvature, which needs the gradient's graph: call "
-                    "loss.backward(create_graph=True) before step(), or pass a closure "
-                    "opt.step(lambda: loss_fn(model(x), y)) that returns the loss without calling backward"
+                    "this step refreshes the curvature, which needs the gradient's graph, but .grad came "
+                    "from a backward without create_graph=True: call loss.backward(create_graph=True) when "
+                    "opt.next_step_needs_graph() (in Lightning derive from curvkit.integrations.lightning."
+                    "CurvatureModule, in Hugging Face use curvkit.integrations.transformers.CurvatureTrainer), "
+                    "or pass a closure opt.step(lambda: loss_fn(model(x), y)) that returns the loss without "
+                    "calling backward"
                 )
             curvature = self._curvature([p.grad for p in live], live, None)
         grads = []

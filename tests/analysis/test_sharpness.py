@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.analysis import SharpnessTracker, eigen_direction
+from curvkit.analysis import SharpnessTracker, eigen_direction, stability
 from curvkit.datasets import load_digits_tensors
 from curvkit.hessian import GGNOperator, HessianOperator, PreconditionedOperator, eigenvalues
 from curvkit.optim import Sophia
@@ -98,3 +98,11 @@ def test_ggn_sharpness_and_curvkit_optimizers_say_their_own_threshold():
     d = eigen_direction(model, F.mse_loss, (X, Y), operator="ggn", seed=0)[0]
     v = torch.cat([d[n].flatten() for n, _ in model.named_parameters()])
     torch.testing.assert_close((G @ v).norm(), torch.tensor(row["sharpness"], dtype=v.dtype), rtol=1e-5, atol=0)
+
+
+def test_the_threshold_at_learning_rate_zero_is_infinite():
+    model, X, Y = _setup()                           # schedules that decay to zero end there
+    H = HessianOperator(model, F.mse_loss, (X, Y))
+    for opt in (torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), torch.optim.Adam(model.parameters(), lr=0.0),
+                torch.optim.RMSprop(model.parameters(), lr=0.0), Sophia(model.parameters(), lr=0.0)):
+        assert stability(opt, H)[0] == float("inf")
