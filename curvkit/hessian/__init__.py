@@ -13,12 +13,13 @@ from .lanczos import Lanczos, SegmentedLanczos
 from .layerwise import layerwise
 from .operator import CurvatureOperator, HessianOperator, ModelOperator
 from .preconditioned import PreconditionedOperator
-from .results import DiagResult, EigResult, TraceResult
+from .results import DiagResult, EigResult, SolveResult, TraceResult
+from .solve import cg, steihaug
 from .trace import diagonal, trace
 
 __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "Lanczos",
     "eigenvalues", "trace", "diagonal", "density", "layerwise", "SegmentedLanczos",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
-    "GGNOperator", "PreconditionedOperator", "input_hvp",
+    "GGNOperator", "PreconditionedOperator", "input_hvp", "cg", "steihaug", "SolveResult",
 ]

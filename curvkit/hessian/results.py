@@ -62,3 +62,31 @@ class DiagResult:
     def __repr__(self) -> str:
         return (f"DiagResult(estimate={_short(self.estimate)}, max stderr={self.stderr.max().item():.3g}, "
                 f"matvecs={self.matvecs})")
+
+
+def _flags(t: torch.Tensor) -> str:
+    """A bool per row as ``True``/``False`` (one row) or ``k/B`` (how many of B rows are True)."""
+    return str(bool(t)) if t.dim() == 0 else f"{int(t.sum())}/{t.numel()}"
+
+
+@dataclass(repr=False)
+class SolveResult:
+    """The solution of a linear system or trust-region sub-problem (``cg``, ``steihaug``), row by row.
+
+    ``x`` has the right-hand side's shape; the other fields hold one entry per row (0-dim tensors for a
+    flat ``(n,)`` problem): ``residual`` is the final relative residual (``||b - A x|| / ||b||`` for cg,
+    ``||g + A x|| / ||g||`` for steihaug), ``iterations`` the products with A that row used,
+    ``negative_curvature`` whether it met a direction with ``p^T A p <= 0``, and ``converged`` whether
+    it stopped on its own criterion rather than at ``max_iter``.
+    """
+
+    x: torch.Tensor
+    residual: torch.Tensor
+    iterations: torch.Tensor
+    negative_curvature: torch.Tensor
+    converged: torch.Tensor
+
+    def __repr__(self) -> str:
+        return (f"SolveResult(x={_short(self.x)}, residual={_short(self.residual)}, "
+                f"iterations={_short(self.iterations)}, negative_curvature={_flags(self.negative_curvature)}, "
+                f"converged={_flags(self.converged)})")
