@@ -8,7 +8,7 @@
 from .density import Spectrum, density
 from .eigen import eigenvalues
 from .ggn import GGNOperator
-from .inputs import input_hvp
+from .inputs import InputHessianOperator, input_hvp
 from .lanczos import Lanczos, SegmentedLanczos
 from .layerwise import layerwise
 from .operator import CurvatureOperator, HessianOperator, ModelOperator
@@ -21,5 +21,5 @@ __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "Lanczos",
     "eigenvalues", "trace", "diagonal", "density", "layerwise", "SegmentedLanczos",
     "EigResult", "TraceResult", "DiagResult", "Spectrum",
-    "GGNOperator", "PreconditionedOperator", "input_hvp", "cg", "steihaug", "SolveResult",
+    "GGNOperator", "PreconditionedOperator", "input_hvp", "InputHessianOperator", "cg", "steihaug", "SolveResult",
 ]
