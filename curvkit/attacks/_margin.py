@@ -1,0 +1,108 @@
+r"""Logit margins and the borrowed model's evaluations for the attacks.
+
+For an example with true class y and logits z, the margin toward class t is :math:`z_y - z_t`, and
+the example's margin is :math:`z_y - \max_{k \ne y} z_k` (negative when misclassified). The model is
+borrowed: it runs in eval mode for the attack (each module's mode is restored after), and gradients
+are taken w.r.t. the inputs only (``torch.autograd.grad``), so parameters, buffers and ``.grad`` are
+never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode for the duration, then restore each module's own mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def check_logits(logits: object, y: torch.Tensor) -> torch.Tensor:
+    """The model's output, if it is a floating-point (N, C) tensor with C >= 2 and every label below C."""
+    if (not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(y)
+            or logits.shape[1] < 2 or not logits.is_floating_point()):
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return floating-point logits of shape (N, C) with C >= 2 classes for "
+                         f"N = {len(y)} inputs, got {got}; wrap it so that it returns the logits")
+    if int(y.max()) >= logits.shape[1]:
+        raise ValueError(f"labels y must lie in [0, {logits.shape[1]}) for a model with {logits.shape[1]} classes, "
+                         f"got {int(y.max())}")
+    return logits
+
+
+def logits_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's logits at ``x`` (labels ``y``) without a graph."""
+    with torch.no_grad():
+        return check_logits(model(x), y)
+
+
+def best_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`z_y - \max_{k \ne y} z_k` per row."""
+    wrong = logits.scatter(1, y[:, None], -torch.inf)
+    return logits.gather(1, y[:, None])[:, 0] - wrong.amax(1)
+
+
+def broken(margin: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Whether the best wrong logit beats the true one (strictly) by at least ``confidence``."""
+    return (margin < 0) & (margin <= -confidence)
+
+
+def margin_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Logits, the margins :math:`z_y - z_t` toward ``targets`` and their input gradients.
+
+    One forward and one backward pass.
+    """
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = check_logits(model(leaf), y)
+        margin = logits.gather(1, y[:, None])[:, 0] - logits.gather(1, targets[:, None])[:, 0]
+        (grad,) = torch.autograd.grad(margin.sum(), leaf)
+    return logits.detach(), margin.detach(), grad
+
+
+def choose_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int,
+                   distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    r"""Per row, the wrong class among the k most likely with the smallest ``distance(margins, gradients)``.
+
+    One forward pass, then one backward pass per candidate rank (k is capped at C - 1) through the same
+    graph (a Jacobian of only those logits); only the best gradient so far is kept.
+
+    Returns:
+        The logits at x, the chosen classes, their margins :math:`z_y - z_t`, margin gradients and distances.
+    """
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = check_logits(model(leaf), y)
+        k = min(k, logits.shape[1] - 1)
+        wrong = logits.detach().scatter(1, y[:, None], -torch.inf)
+        classes = wrong.topk(k, dim=1).indices
+        margins = logits.gather(1, y[:, None]) - logits.gather(1, classes)
+        best = torch.full((len(x),), torch.inf, dtype=torch.float64, device=x.device)
+        targets, margin, grad = classes[:, 0], margins[:, 0].detach(), torch.zeros_like(x)
+        for rank in range(k):
+            (g,) = torch.autograd.grad(margins[:, rank].sum(), leaf, retain_graph=rank < k - 1)
+            dist = distance(margins[:, rank].detach(), g)
+            closer = dist < best
+            best = torch.where(closer, dist, best)
+            targets = torch.where(closer, classes[:, rank], targets)
+            margin = torch.where(closer, margins[:, rank].detach(), margin)
+            grad = torch.where(closer.view(-1, *[1] * (x.dim() - 1)), g, grad)
+    return logits.detach(), targets, margin, grad, best
+
+
+def pair_margin(outputs: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """``z[true] - z[target]`` for one example (outputs (1, C), pair (1, 2)): the function the order-2 model expands."""
+    picked = outputs.gather(1, pair)
+    return picked[0, 0] - picked[0, 1]
