@@ -13,8 +13,11 @@ from .analysis import SharpnessTracker, eigen_direction, landscape_2d
 from .hessian import HessianOperator, density, eigenvalues, trace
 
 
-def load_digits_tensors(seed: int = 0):
-    """sklearn's 8x8 digits (ships offline), standardised, split 80/20 with a fixed seed."""
+def load_digits_tensors(seed: int = 0, standardize: bool = True):
+    """sklearn's 8x8 digits (ships offline), split 80/20 with a fixed seed.
+
+    Pixels are scaled to [0, 1] (the data's grid is 1/16) and then, with ``standardize=True``, standardised.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -24,7 +27,8 @@ def load_digits_tensors(seed: int = 0):
     y = torch.tensor(y)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     X, y = X[perm], y[perm]
-    X = (X - X.mean(0)) / (X.std(0) + 1e-3)
+    if standardize:
+        X = (X - X.mean(0)) / (X.std(0) + 1e-3)
     cut = int(0.8 * len(y))
     return (X[:cut], y[:cut]), (X[cut:], y[cut:])
 
