@@ -9,7 +9,7 @@ never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -72,34 +72,32 @@ def margin_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return logits.detach(), margin.detach(), grad
 
 
-def choose_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int,
-                   distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    r"""Per row, the wrong class among the k most likely with the smallest ``distance(margins, gradients)``.
+def candidate_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The k most likely wrong classes (k capped at C - 1) with their margins and the Jacobian of those margins.
 
-    One forward pass, then one backward pass per candidate rank (k is capped at C - 1) through the same
-    graph (a Jacobian of only those logits); only the best gradient so far is kept.
+    One forward pass and one batched backward pass (``is_grads_batched``; k ordinary backward passes through
+    the same graph where the model has an operation vmap cannot batch): the gradients of only those k margins.
 
     Returns:
-        The logits at x, the chosen classes, their margins :math:`z_y - z_t`, margin gradients and distances.
+        The logits (N, C); the classes (N, k), most likely first; the margins :math:`z_y - z_c` (N, k);
+        their input gradients (k, N, ...).
     """
     leaf = x.detach().requires_grad_()
     with torch.enable_grad():
         logits = check_logits(model(leaf), y)
-        k = min(k, logits.shape[1] - 1)
-        wrong = logits.detach().scatter(1, y[:, None], -torch.inf)
-        classes = wrong.topk(k, dim=1).indices
-        margins = logits.gather(1, y[:, None]) - logits.gather(1, classes)
-        best = torch.full((len(x),), torch.inf, dtype=torch.float64, device=x.device)
-        targets, margin, grad = classes[:, 0], margins[:, 0].detach(), torch.zeros_like(x)
-        for rank in range(k):
-            (g,) = torch.autograd.grad(margins[:, rank].sum(), leaf, retain_graph=rank < k - 1)
-            dist = distance(margins[:, rank].detach(), g)
-            closer = dist < best
-            best = torch.where(closer, dist, best)
-            targets = torch.where(closer, classes[:, rank], targets)
-            margin = torch.where(closer, margins[:, rank].detach(), margin)
-            grad = torch.where(closer.view(-1, *[1] * (x.dim() - 1)), g, grad)
-    return logits.detach(), targets, margin, grad, best
+    k = min(k, logits.shape[1] - 1)
+    wrong = logits.detach().scatter(1, y[:, None], -torch.inf)
+    classes = wrong.topk(k, dim=1).indices
+    seeds = torch.zeros(k, *logits.shape, dtype=logits.dtype, device=logits.device)
+    seeds.scatter_(2, y[None, :, None].expand(k, -1, 1), 1.0)
+    seeds.scatter_(2, classes.T[:, :, None], -1.0)
+    try:
+        (jacobian,) = torch.autograd.grad(logits, leaf, seeds, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:  # an operation without a batching rule: one backward pass per candidate
+        jacobian = torch.stack([torch.autograd.grad(logits, leaf, seed, retain_graph=True)[0] for seed in seeds])
+    logits = logits.detach()
+    return logits, classes, logits.gather(1, y[:, None]) - logits.gather(1, classes), jacobian
 
 
 def pair_margin(outputs: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:

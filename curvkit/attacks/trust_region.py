@@ -19,7 +19,7 @@ from ..hessian._random import Seed, make_generator
 from ._margin import (
     best_margin,
     broken,
-    choose_targets,
+    candidate_jacobian,
     eval_mode,
     logits_at,
     margin_and_gradient,
@@ -43,9 +43,10 @@ def trust_region(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str =
     r"""Small perturbations that make a classifier's best wrong logit beat the true one by ``confidence``.
 
     **Target.** Among the ``candidates`` most likely wrong classes at x, the one with the smallest
-    linearised distance: the norm of the smallest step s inside ``bounds`` with
-    :math:`m_t + \nabla m_t^\top s = -\kappa`, :math:`m_t = z_y - z_t` (one forward and ``candidates``
-    backward passes). It is chosen once, as in the paper.
+    linearised distance :math:`(m_c + \kappa) / \|\nabla m_c\|_*`, :math:`m_c = z_y - z_c`, the dual norm
+    (L2 for L2, L1 for Linf) taken over the coordinates free to move inside ``bounds`` (one forward pass
+    and one batched backward pass for the Jacobian of those margins only). It is chosen once, as in the
+    paper; the target's exact linearised distance inside the box starts its radius.
 
     **Step.** With radius r, ``order=1`` takes the trust-region solution of the linear model: the
     smallest step inside the box that lowers :math:`m + g^\top s` to the aim
@@ -150,17 +151,29 @@ class _Attack:
         return (start.double() + step).clamp(self.lo, self.hi).to(self.dtype)
 
     def _distance(self, margin: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The norm of the smallest step in the box that brings the linearised margin to -confidence."""
+        """The norm of the smallest step in the box that brings the linearised margin to -confidence, per row."""
         g = grad.reshape(len(grad), -1).double()
         s, _, _ = linear_step(g, room(self.x0.double(), g, self.lo, self.hi),
                               (margin.double() + self.kappa).clamp_min(0), None, self.norm)
         return step_norm(s, self.norm)
 
-    def start(self, candidates: int) -> None:
-        """Choose the targets (one forward, a backward per candidate) and the initial radii."""
-        logits, self.targets, margin, grad, dist = choose_targets(self.model, self._inputs(self.x0), self.y,
-                                                                  candidates, self._distance)
-        self.passes += 1 + min(candidates, logits.shape[1] - 1)
+    def start(self, k: int) -> None:
+        r"""Choose the targets (one forward, one batched backward over the candidates) and the initial radii.
+
+        Candidates are ranked by :math:`(m_c + \kappa) / \|\nabla m_c\|_*` over the coordinates free to move
+        (dual norm: L2 for L2, L1 for Linf), the box-aware distance when no coordinate reaches the box on
+        the way; the exact box-aware distance of the chosen one sets the initial radius.
+        """
+        logits, classes, margins, jacobian = candidate_jacobian(self.model, self._inputs(self.x0), self.y, k)
+        self.passes += 1 + classes.shape[1]
+        g = jacobian.reshape(len(jacobian), len(self.x0), -1).double()
+        free = g * (room(self.x0.double(), g, self.lo, self.hi) > 0)
+        dual = free.norm(dim=2) if self.norm == "l2" else free.abs().sum(2)
+        gap = (margins.T.double() + self.kappa).clamp_min(0)
+        pick = torch.where(dual > 0, gap / torch.where(dual > 0, dual, 1.0), torch.inf).argmin(0)
+        rows = torch.arange(len(pick), device=pick.device)
+        self.targets, margin, grad = classes[rows, pick], margins[rows, pick], jacobian[pick, rows]
+        dist = self._distance(margin, grad)
         self.m = margin.double()
         self.aim = -self.kappa - OVERSHOOT * (self.m + self.kappa).clamp_min(0)
         self.g = grad.reshape(len(grad), -1).double()

@@ -222,6 +222,43 @@ def test_model_is_borrowed_and_restored():
     assert_untouched_by(attack)
 
 
+class _Square(torch.autograd.Function):
+    """x^2 with a backward that reads a value (.item()), which vmap cannot batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        assert float(grad.abs().max()) < 1e30
+        return 2 * x * grad
+
+
+class _Squares(nn.Module):
+    def __init__(self, custom: bool):
+        super().__init__()
+        self.custom = custom
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(6, 8).double(), nn.Linear(8, 4).double()
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(_Square.apply(h) if self.custom else h * h)
+
+
+def test_models_vmap_cannot_batch_take_one_backward_pass_per_candidate():
+    x = _points(10, 6)
+    plain = _Squares(custom=False)
+    y = plain(x).argmax(1)
+    want = trust_region(plain, x, y, confidence=0.1)
+    got = trust_region(_Squares(custom=True), x, y, confidence=0.1)
+    torch.testing.assert_close(got.adversarial, want.adversarial)
+    assert got.success.all()
+
+
 def test_dtype_and_device_follow_the_model():
     model = _mlp().float()
     x = _points(5, 6)
