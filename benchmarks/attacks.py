@@ -9,7 +9,8 @@ strictly, by at least kappa, at the returned point, in [0, 1]); median L2 and Li
 every minimum-norm attack that broke at least half of them (in parentheses for the others: over their own broken
 points; PGD and FGSM are fixed-budget attacks, their norm is their budget); CPU seconds (the median of 3 runs for
 attacks that take under a second); model passes per example (forward plus backward passes through the model,
-counted by a wrapper; the second-order attack's Hessian-vector products apart); and the share of broken points
+counted by a wrapper for the anchors and by the result's own ``passes`` for curvkit, whose batched backward over the
+k candidate classes counts k; the second-order attack's Hessian-vector products apart); and the share of broken points
 still misclassified after rounding to the 1/16 grid. DeepFool, DDN, FMN, PGD and FGSM have no confidence margin:
 their adversarial examples are computed once per model and judged at both kappas.
 
@@ -259,9 +260,11 @@ def run(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor, kapp
     except FAILURES as err:  # a broken anchor is reported, not fatal
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return Run(error=f"n/a ({type(err).__name__}: {text[:70]})")
-    adversarial, products = (out.adversarial, float(out.products.double().mean())) if hasattr(out, "products") \
-        else (out, 0.0)
-    passes = counted.rows / len(x)
+    if hasattr(out, "passes"):  # curvkit counts its own: the wrapper sees one batched backward over k candidates once
+        adversarial, passes, products = out.adversarial, float(out.passes.double().mean()), float(
+            out.products.double().mean())
+    else:
+        adversarial, passes, products = out, counted.rows / len(x), 0.0
     return Run(adversarial.detach().clamp(0.0, 1.0), statistics.median(seconds), passes, products)
 
 
