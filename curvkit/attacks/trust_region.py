@@ -32,7 +32,7 @@ OVERSHOOT = 0.02            # aim at margin -confidence - 2% of the initial gap 
 ACCEPT = 0.1                # keep a step whose actual / predicted decrease exceeds this (or that breaks the example)
 SHRINK_BELOW, SHRINK = 0.25, 0.5   # ratio below 0.25: the radius becomes half the step taken
 GROW_ABOVE, GROW = 0.75, 2.0       # ratio above 0.75: the radius becomes at least twice the step taken
-SUBPROBLEM_ITER = 20        # Hessian-vector products per second-order step at most (Steihaug / box descent)
+SUBPROBLEM_ITER = 20        # iterations (one Hessian-vector product each) of a second-order step's sub-problem solver
 REFINE_STEPS = 10           # model evaluations per example at most for the final trim
 
 
@@ -134,10 +134,8 @@ class _Attack:
         self.generator = generator
         self.x0 = x.reshape(len(x), -1)
         self.y = y
-        n = self.x0.shape[1]
-        width = self.hi - self.lo
-        self.max_radius = float(max_radius) if max_radius is not None else width * (math.sqrt(n) if norm == "l2"
-                                                                                       else 1.0)
+        diameter = (self.hi - self.lo) * (math.sqrt(self.x0.shape[1]) if norm == "l2" else 1.0)
+        self.max_radius = diameter if max_radius is None else float(max_radius)
         self.min_radius = 1e-9 * self.max_radius
         self.initial_radius = radius
         counts = torch.zeros(len(x), dtype=torch.long, device=x.device)
