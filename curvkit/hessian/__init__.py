@@ -18,7 +18,7 @@ from .eigen import eigenvalues
 from .factory import OPERATORS, build_operator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
-from .inputs import input_hvp
+from .inputs import InputHessianOperator, input_hvp
 from .lanczos import Lanczos, SegmentedLanczos
 from .layerwise import layerwise
 from .model import ModelOperator
@@ -32,5 +32,6 @@ __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
+    "InputHessianOperator",
     "cg", "steihaug", "EigResult", "TraceResult", "DiagResult", "SolveResult", "Spectrum",
 ]

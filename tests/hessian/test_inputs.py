@@ -1,4 +1,4 @@
-"""input_hvp against the dense Hessian of each example's own loss w.r.t. its input."""
+"""InputHessianOperator and input_hvp against the dense Hessian of each example's own function of its input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.hessian import input_hvp
+from curvkit.hessian import InputHessianOperator, input_hvp, steihaug
 from tests._models import assert_untouched_by, make_model
 
 
@@ -92,6 +92,72 @@ def test_loss_linear_in_the_inputs_gives_zero():
     assert hv.abs().max() == 0 and grad.abs().max() > 0
 
 
+def _margin(outputs, pair):
+    """True logit minus target logit for one example: pair = (true class, target class)."""
+    picked = outputs.gather(1, pair)
+    return picked[0, 0] - picked[0, 1]
+
+
+def _dense_blocks(model, fn, x, t):
+    """(B, n, n) exact per-example Hessians, each by torch.autograd.functional.hessian of example i alone."""
+    return torch.stack([torch.autograd.functional.hessian(
+        lambda xi, i=i: fn(model(xi.view_as(x[i])[None]), t[i:i + 1]), x[i].reshape(-1)) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("kind", ["tanh_mlp", "conv_bn"])
+def test_operator_is_the_batch_of_per_example_margin_hessians(kind):
+    model, x, y = make_model(kind)
+    x, pair = x[:5], torch.stack([y[:5], (y[:5] + 1) % 3], 1)
+    H = InputHessianOperator(model, _margin, x, pair)
+    n = x[0].numel()
+    assert H.shape == (5, n, n) and H.dtype == x.dtype and H.device == x.device
+    dense = _dense_blocks(model, _margin, x, pair)
+    V = _direction(x).reshape(5, n)
+    torch.testing.assert_close(H @ V, torch.einsum("bij,bj->bi", dense, V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(H @ V.view_as(x), (H @ V).view_as(x))
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(H.outputs, logits)
+    torch.testing.assert_close(H.values, logits.gather(1, pair) @ torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(H.gradient, input_hvp(model, _margin, x, pair, V.view_as(x), return_grad=True)[1])
+    assert H.matvecs == 3 and not H.gradient.requires_grad
+
+
+def test_products_reuse_the_cached_graph():
+    model, x, y = make_model("tanh_mlp")
+    forwards = []
+    handle = model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        H = InputHessianOperator(model, F.cross_entropy, x, y)
+        for seed in range(3):
+            H @ _direction(x, seed)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1 and H.matvecs == 3
+
+
+def test_steihaug_over_the_operator_solves_every_examples_subproblem():
+    model, x, y = make_model("tanh_mlp")
+    x, pair = x[:4], torch.stack([y[:4], (y[:4] + 2) % 3], 1)
+    H = InputHessianOperator(model, _margin, x, pair)
+    dense = _dense_blocks(model, _margin, x, pair)
+    radius = torch.tensor([0.1, 0.5, 1.0, 3.0])
+    got = steihaug(H, H.gradient, radius, tol=1e-10)
+    want = steihaug(dense, H.gradient, radius, tol=1e-10)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got.iterations, want.iterations)
+
+
+def test_batch_statistics_make_one_coupled_operator():
+    model, x, y = make_model("conv_bn")
+    x, y = x[:3], y[:3]
+    H = InputHessianOperator(model, F.cross_entropy, x, y, bn_mode="batch")
+    assert H.shape == (x.numel(), x.numel())
+    v = _direction(x)
+    torch.testing.assert_close(H @ v.reshape(-1), (H @ v).reshape(-1))
+    torch.testing.assert_close(H @ v, input_hvp(model, F.cross_entropy, x, y, v, bn_mode="batch"))
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -117,3 +183,16 @@ def test_bad_arguments_are_refused():
     dropout = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double().train()
     with pytest.raises(ValueError, match="Dropout"):
         input_hvp(dropout, F.cross_entropy, x, y, v)
+
+
+def test_operator_refuses_vectors_of_the_wrong_shape():
+    model, x, y = make_model("tanh_mlp")
+    H = InputHessianOperator(model, F.cross_entropy, x, y)
+    with pytest.raises(ValueError, match=r"shape \(24, 5\)"):
+        H @ torch.ones(24 * 5)
+    with pytest.raises(TypeError, match="floating-point"):
+        H @ torch.ones(24, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="bn_mode"):
+        InputHessianOperator(model, F.cross_entropy, x, y, bn_mode="train")
+    with pytest.raises(TypeError, match="callable"):
+        InputHessianOperator(model, None, x, y)
