@@ -79,6 +79,27 @@ def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tenso
         return torch.autograd.functional.hessian(loss, flat0)
 
 
+def dense_ggn(model, loss_fn, batches, names=None) -> torch.Tensor:
+    """Sample-weighted sum over batches of J^T H_out J, by torch.autograd.functional jacobian and hessian."""
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else names
+    sizes = [params[n].numel() for n in names]
+    shapes = [params[n].shape for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    total = sum(len(y) for _, y in batches)
+    G = torch.zeros(len(flat0), len(flat0))
+    for x, y in batches:
+        def outputs(flat):
+            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes)]
+            return functional_call(model, dict(zip(names, chunks)), (x,))
+
+        z = outputs(flat0).detach()
+        J = torch.autograd.functional.jacobian(outputs, flat0, vectorize=True).reshape(z.numel(), -1)
+        H_out = torch.autograd.functional.hessian(lambda o: loss_fn(o.view_as(z), y), z.reshape(-1), vectorize=True)
+        G += len(y) / total * J.T @ H_out @ J
+    return G
+
+
 @functools.cache
 def hessian_case(kind: str):
     """(model, batch, dense Hessian) of ``make_model(kind)``, cached: curvkit must never mutate the model."""

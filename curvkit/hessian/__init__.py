@@ -3,7 +3,8 @@
 Operators (:class:`HessianOperator`, :class:`GGNOperator`, :class:`PreconditionedOperator`, and the
 compositions ``H.shift(c)``, ``a * H``) know how to multiply; algorithms (:func:`eigenvalues`,
 :func:`trace`, :func:`diagonal`, :func:`density`, :func:`layerwise`) know what to do with products and
-run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors included.
+run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors included. :func:`check`
+compares a model operator's products with finite differences of first derivatives.
 
 .. code-block:: python
 
@@ -12,6 +13,7 @@ run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors
     eigenvalues(H, k=5).values, trace(H).ci95
 """
 
+from .check import check
 from .density import Spectrum, density
 from .diagonal import diagonal
 from .eigen import eigenvalues
@@ -24,12 +26,12 @@ from .layerwise import layerwise
 from .model import ModelOperator
 from .operator import CurvatureOperator, DiagonalSandwich, ScaledOperator, ShiftedOperator
 from .preconditioned import PreconditionedOperator
-from .results import DiagResult, EigResult, TraceResult
+from .results import CheckResult, DiagResult, EigResult, TraceResult
 from .trace import trace
 
 __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "ShiftedOperator", "ScaledOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
-    "EigResult", "TraceResult", "DiagResult", "Spectrum",
+    "check", "EigResult", "TraceResult", "DiagResult", "CheckResult", "Spectrum",
 ]

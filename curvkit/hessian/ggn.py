@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from .._utils.borrow import LossFn, require_scalar_loss
-from .model import ModelOperator, reraise_explained
+from .model import ModelOperator, central_difference, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,6 +105,12 @@ class GGNOperator(ModelOperator):
     count; ``loss_fn(outputs, targets)`` must return a scalar. Data loop, BatchNorm modes, ``max_block``
     and torch.distributed behave as in :class:`HessianOperator`. The model is never mutated.
 
+    ``check=True`` (:func:`~curvkit.hessian.check`) compares the products with the GGN built from first
+    derivatives only, not with the Hessian (which the GGN is not): J v as a central difference of the
+    outputs, :math:`H_{\mathrm{out}} (J v)` as one of the loss gradient w.r.t. the outputs, then a plain
+    vector-Jacobian product. It catches a model backward that is not differentiable w.r.t. its incoming
+    gradient (the double-vjp J v needs that) and a ``loss_fn`` with a wrong double backward.
+
     >>> G = GGNOperator(model, F.cross_entropy, (x, y))
     >>> Gv = G @ torch.randn(G.shape[0])
     >>> top = eigenvalues(G, k=5)
@@ -111,20 +118,14 @@ class GGNOperator(ModelOperator):
 
     ACCEPTS_FORWARD = False
 
+    CHECK_HINT = ("the model's backward is not differentiable w.r.t. its incoming gradient, or loss_fn is not "
+                  "correctly twice differentiable in the outputs")
+
     def _prepare(self, batch: Any) -> _Linearisation | None:
         """The outputs' graph on private leaves, J^T u for a dual variable u, and H_out (None if G_b = 0)."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"GGNOperator needs batches (inputs, targets), got {type(batch).__name__}; "
-                            "pass a DataLoader or a list of (inputs, targets) pairs")
-        inputs, targets = batch
+        inputs, targets = self._pair(batch)
         leaves = [p.detach().requires_grad_() for p in self.params]
-        outputs = self._loss.evaluate(leaves, inputs)
-        if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
-            kind = outputs.dtype if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-            raise TypeError(f"the model must return a floating-point tensor of outputs, got {kind}; "
-                            "wrap the model so that it returns the tensor loss_fn takes")
-        if not torch.isfinite(outputs.detach()).all():
-            raise FloatingPointError("the model's outputs are not finite on a batch; check the data and the model")
+        outputs = self._outputs(leaves, inputs)
         if not outputs.requires_grad:
             return None
         hessian_out = _output_hessian(self.loss_fn, outputs, targets)
@@ -134,6 +135,64 @@ class GGNOperator(ModelOperator):
         grads = torch.autograd.grad(outputs, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None]
         return _Linearisation(leaves, live, outputs, u, [grads[i] for i in live], hessian_out)
+
+    @staticmethod
+    def _pair(batch: Any) -> tuple[Any, Any]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"GGNOperator needs batches (inputs, targets), got {type(batch).__name__}; "
+                            "pass a DataLoader or a list of (inputs, targets) pairs")
+        return batch[0], batch[1]
+
+    def _outputs(self, leaves: list[torch.Tensor], inputs: Any) -> torch.Tensor:
+        """The model's outputs with the selected parameters replaced by ``leaves``, checked floating and finite."""
+        outputs = self._loss.evaluate(leaves, inputs)
+        if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
+            kind = outputs.dtype if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise TypeError(f"the model must return a floating-point tensor of outputs, got {kind}; "
+                            "wrap the model so that it returns the tensor loss_fn takes")
+        if not torch.isfinite(outputs.detach()).all():
+            raise FloatingPointError("the model's outputs are not finite on a batch; check the data and the model")
+        return outputs
+
+    def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
+                              ) -> torch.Tensor:
+        r"""J^T H_out J v from first derivatives: J v and H_out (J v) by central differences, then one backward.
+
+        J v is the central difference of the outputs along v (step as in :meth:`finite_differences`);
+        H_out (J v) that of the loss gradient w.r.t. the outputs z along J v, with step
+        rel_step max(1, ||z||) / ||J v||; J^T is a plain vector-Jacobian product.
+        """
+        inputs, targets = self._pair(batch)
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        outputs = self._outputs(leaves, inputs)
+        z = outputs.detach()
+        z_norm = float(torch.linalg.vector_norm(z.double()))
+        out = []
+        for v in rows:
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0 or not outputs.requires_grad:
+                out.append(torch.zeros_like(v))
+                continue
+            jv = central_difference(functools.partial(self._shifted_outputs, inputs, self.split(v)), theta_norm,
+                                    norm, rel_step)
+            jv_norm = float(torch.linalg.vector_norm(jv.double()))
+            if jv_norm == 0:
+                out.append(torch.zeros_like(v))
+                continue
+            w = central_difference(functools.partial(self._output_gradient, z, targets, jv), z_norm, jv_norm, rel_step)
+            grads = torch.autograd.grad(outputs, leaves, w, retain_graph=True, allow_unused=True)
+            out.append(self._flat(grads, v))
+        return torch.stack(out)
+
+    def _shifted_outputs(self, inputs: Any, pieces: list[torch.Tensor], t: float) -> torch.Tensor:
+        with torch.no_grad():
+            return self._outputs(self._shifted(pieces, t), inputs)
+
+    def _output_gradient(self, z: torch.Tensor, targets: Any, direction: torch.Tensor, t: float) -> torch.Tensor:
+        """The gradient of ``loss_fn`` w.r.t. the outputs at ``z + t direction``."""
+        shifted = (z + t * direction.to(z.dtype)).requires_grad_()
+        loss = require_scalar_loss(self.loss_fn(shifted, targets), "loss_fn(outputs, targets)")
+        return torch.autograd.grad(loss, shifted)[0] if loss.requires_grad else torch.zeros_like(shifted)
 
     def _products(self, state: _Linearisation | None, rows: torch.Tensor) -> torch.Tensor | None:
         if state is None or not state.live:
