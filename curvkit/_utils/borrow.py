@@ -19,6 +19,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from .targets import check_class_targets
+
 try:  # torch >= 2.3: pick the twice-differentiable (math) attention kernel during curvature forwards
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -108,7 +110,9 @@ def _default_forward(loss_fn: LossFn) -> ForwardFn:
                 "forward=lambda model, batch: loss"
             )
         inputs, targets = batch
-        return loss_fn(model(inputs), targets)
+        outputs = model(inputs)
+        check_class_targets(loss_fn, outputs, targets)
+        return loss_fn(outputs, targets)
 
     return forward
 
@@ -129,7 +133,9 @@ class BorrowedLoss:
     """``loss(leaves, batch)``: the model's loss with the selected parameters replaced by ``leaves``.
 
     Never mutates the model: BatchNorm modes are set only during the call and restored, buffers are
-    private copies, and Dropout active in train mode is refused (it would make the Hessian random).
+    private copies, and Dropout active in train mode is refused (it would make the Hessian random). The
+    default forward takes ``(inputs, targets)`` pairs and checks class-index targets of cross-entropy and
+    NLL losses (:func:`~curvkit._utils.targets.check_class_targets`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, names: list[str], *,

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import kernels
 from .._utils.borrow import LossFn, require_scalar_loss
+from .._utils.targets import check_class_targets
 from .model import ModelOperator, central_difference, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
@@ -28,11 +29,13 @@ class _Linearisation(NamedTuple):
     hessian_out: _OutputHessian
 
 
-def _cross_entropy_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> float | None:
-    """1/B or 1 when ``loss_fn`` is a softmax cross-entropy whose output Hessian is diag(p) - p p^T per row.
+def _cross_entropy_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _OutputHessian | None:
+    """H_out when ``loss_fn`` is a softmax cross-entropy whose output Hessian is diag(p) - p p^T per kept row.
 
-    Label smoothing keeps that Hessian (each row's target weights still sum to 1); class weights,
-    ignored targets, soft or spatial targets do not, and take the generic route.
+    Rows whose target is ``ignore_index`` contribute nothing; the others are scaled by 1/(kept rows)
+    (mean) or 1 (sum). Label smoothing keeps that Hessian (each row's target weights still sum to 1);
+    class weights, soft or spatial targets do not, and take the generic route. The targets must have
+    been checked (:func:`~curvkit._utils.targets.check_class_targets`).
     """
     if loss_fn is F.cross_entropy:
         reduction, ignore_index = "mean", -100
@@ -43,9 +46,12 @@ def _cross_entropy_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -
     if not (isinstance(targets, torch.Tensor) and outputs.dim() == 2 and targets.dim() == 1
             and not targets.is_floating_point() and len(targets) == len(outputs)):
         return None
-    if bool((targets == ignore_index).any()):
-        return None
-    return 1.0 / len(outputs) if reduction == "mean" else 1.0
+    kept = targets != ignore_index
+    scale = 1.0 / int(kept.sum()) if reduction == "mean" else 1.0
+    if bool(kept.all()):  # one fused pass per product where curvkit's kernels are built
+        return lambda u: kernels.softmax_ce_hessian_product(outputs, u, scale)
+    mask = kept[:, None].to(outputs.dtype)  # a zero row of u gives a zero row of the product
+    return lambda u: kernels.softmax_ce_hessian_product(outputs, u * mask, scale)
 
 
 def _mse_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> float | None:
@@ -65,14 +71,15 @@ def _output_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _Ou
     r"""``u -> H_out u`` with H_out = d^2 loss_fn(z, targets) / dz^2 at z = ``outputs`` (None if H_out = 0).
 
     Closed forms: softmax cross-entropy, H_out u = s (p * u - p (p . u)) per row with p = softmax(z)
-    and s = 1/B (mean) or 1 (sum), by :func:`curvkit.kernels.softmax_ce_hessian_product`; squared error,
+    and s = 1/B (mean) or 1 (sum), by :func:`curvkit.kernels.softmax_ce_hessian_product` (rows whose
+    target is ignore_index are zero, and B counts the others); squared error,
     H_out u = 2 u / numel (mean) or 2 u (sum).
     Any other loss: double backward of ``loss_fn`` w.r.t. its (detached) outputs, graph built once.
     """
     z = outputs.detach()
-    scale = _cross_entropy_scale(loss_fn, z, targets)
-    if scale is not None:  # one fused pass per product where curvkit's kernels are built
-        return lambda u: kernels.softmax_ce_hessian_product(z, u, scale)
+    closed_form = _cross_entropy_hessian(loss_fn, z, targets)
+    if closed_form is not None:
+        return closed_form
     scale = _mse_scale(loss_fn, z, targets)
     if scale is not None:
         return lambda u: scale * u
@@ -126,6 +133,7 @@ class GGNOperator(ModelOperator):
         inputs, targets = self._pair(batch)
         leaves = [p.detach().requires_grad_() for p in self.params]
         outputs = self._outputs(leaves, inputs)
+        check_class_targets(self.loss_fn, outputs, targets)
         if not outputs.requires_grad:
             return None
         hessian_out = _output_hessian(self.loss_fn, outputs, targets)
@@ -165,6 +173,7 @@ class GGNOperator(ModelOperator):
         inputs, targets = self._pair(batch)
         leaves = [p.detach().requires_grad_() for p in self.params]
         outputs = self._outputs(leaves, inputs)
+        check_class_targets(self.loss_fn, outputs, targets)
         z = outputs.detach()
         z_norm = float(torch.linalg.vector_norm(z.double()))
         out = []

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .._utils.borrow import BorrowedLoss, LossFn
+from .._utils.targets import check_class_targets
 from .model import reraise_explained
 
 
@@ -66,8 +67,12 @@ def input_hvp(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: 
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(outputs, targets) -> scalar")
     named = list(model.named_parameters())
-    borrowed = BorrowedLoss(model, None, [n for n, _ in named], bn_mode=bn_mode,
-                            forward=lambda m, batch: _example_losses(loss_fn, m(batch[0]), batch[1]).sum())
+    def forward(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        outputs = m(batch[0])
+        check_class_targets(loss_fn, outputs, batch[1])
+        return _example_losses(loss_fn, outputs, batch[1]).sum()
+
+    borrowed = BorrowedLoss(model, None, [n for n, _ in named], bn_mode=bn_mode, forward=forward)
     x = inputs.detach().requires_grad_()
     loss = borrowed([p.detach() for _, p in named], (x, targets))
     (grad,) = torch.autograd.grad(loss, x, create_graph=True, allow_unused=True)

@@ -75,7 +75,9 @@ class ModelOperator(CurvatureOperator):
 
     Raises:
         TypeError: ``forward=`` given to an operator that does not accept it, or a bad loss/data type.
-        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, or active Dropout in the model.
+        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, or active Dropout in the model; on a
+            batch, a class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
+            ``ignore_index``.
         RuntimeError: ``distributed=True`` without an initialised process group.
         FloatingPointError: ``check=True`` and the products disagree with finite differences.
     """
