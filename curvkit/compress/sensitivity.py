@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._utils.batches import as_batches, batch_size, to_device
+from .._utils.borrow import require_materialised
 from .._utils.random import Seed
 from ..hessian import layerwise
 
@@ -22,7 +23,12 @@ GRANULARITIES = ("layer", "channel")
 
 
 def weight_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
-    """Linear/Conv modules with a trainable weight (by name), and a note for every other module with parameters."""
+    """Linear/Conv modules with a trainable weight (by name), and a note for every other module with parameters.
+
+    Raises:
+        ValueError: the model is on the meta device, or has no trainable Linear/Conv layer.
+    """
+    require_materialised(model)
     layers, skipped = {}, []
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]

@@ -75,7 +75,8 @@ class ModelOperator(CurvatureOperator):
 
     Raises:
         TypeError: ``forward=`` given to an operator that does not accept it, or a bad loss/data type.
-        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, or active Dropout in the model; on a
+        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, active Dropout in the model, or a model on
+            the meta device (materialise it with ``to_empty`` and ``load_state_dict``); on a
             batch, a class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
             ``ignore_index``.
         RuntimeError: ``distributed=True`` without an initialised process group.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from curvkit.analysis import direction_to, eigen_direction, landscape_1d, landscape_2d, random_direction
@@ -102,3 +103,11 @@ def test_figures_are_written(tmp_path, kind):
     assert (tmp_path / f"{kind}.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="steps"):
         landscape_2d(model, F.cross_entropy, data, random_direction(model), random_direction(model), steps=1)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 2))
+    d = {n: torch.ones(p.shape) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
+        landscape_1d(model, F.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), d, steps=3)

@@ -156,3 +156,14 @@ def test_bad_pruning_arguments():
         prune_channels(model, F.cross_entropy, data, method="l2", classifier="1")
     with pytest.raises(TypeError, match="Sequential"):
         remove_channels(nn.Linear(2, 2).__class__.__mro__[0](2, 2))
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    for call in (lambda: sensitivity(model, F.cross_entropy, data),
+                 lambda: channel_scores(model, F.cross_entropy, data, method="l2"),
+                 lambda: quantize(model, {"0": 4})):
+        with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
+            call()

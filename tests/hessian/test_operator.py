@@ -251,6 +251,24 @@ def test_op_without_double_backward_is_explained():
         H @ torch.ones(H.shape[0])
 
 
+def test_a_model_on_the_meta_device_is_refused_up_front():
+    from curvkit.hessian import GGNOperator, input_hvp, layerwise
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    for call in (lambda: HessianOperator(model, F.cross_entropy, (x, y)),
+                 lambda: GGNOperator(model, F.cross_entropy, (x, y)),
+                 lambda: layerwise(model, F.cross_entropy, (x, y)),
+                 lambda: input_hvp(model, F.cross_entropy, x, y, torch.ones_like(x))):
+        with pytest.raises(ValueError, match=r"'0.weight' is on the meta device.*to_empty.*load_state_dict"):
+            call()
+    model[0].to_empty(device="cpu")
+    model[2].to_empty(device="cpu")
+    with pytest.raises(ValueError, match="buffer '1.running_mean' is on the meta device"):
+        HessianOperator(model, F.cross_entropy, (x, y), params=["0.*"])
+
+
 def test_bad_vector_shapes_are_refused():
     model, x, y = make_model("tanh_mlp")
     H = HessianOperator(model, F.cross_entropy, (x, y))
