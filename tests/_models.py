@@ -57,6 +57,28 @@ def make_model(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch
 MODEL_KINDS = ["tanh_mlp", "gelu_mlp", "conv_bn", "attention"]
 
 
+class TokenBag(nn.Module):
+    """Mean of tanh'd token embeddings, then a linear classifier; ``sparse`` embedding gradients or dense."""
+
+    def __init__(self, sparse: bool, vocab: int = 10, dim: int = 4, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, sparse=sparse)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+def token_bag_twins(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The same float64 TokenBag with sparse and with dense embedding gradients, token ids and labels."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sparse = TokenBag(sparse=True).double().eval()
+    dense = TokenBag(sparse=False).double().eval()
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense, torch.randint(0, 10, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """Exact Hessian of the sample-weighted mean loss over ``batches`` (torch.autograd.functional.hessian).
 

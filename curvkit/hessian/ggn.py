@@ -13,7 +13,7 @@ from torch import nn
 from .. import kernels
 from .._utils.borrow import LossFn, require_scalar_loss
 from .._utils.targets import check_class_targets
-from .model import ModelOperator, central_difference, reraise_explained
+from .model import ModelOperator, central_difference, dense, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -220,5 +220,5 @@ class GGNOperator(ModelOperator):
         out = v.new_zeros(v.shape[0])
         blocks = torch.split(out, self.sizes)
         for i, g in zip(state.live, jtw):
-            blocks[i].copy_(g.reshape(-1))
+            blocks[i].copy_(dense(g).reshape(-1))
         return out

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._utils.batches import empty_data_error
-from .model import ModelOperator, central_difference, reraise_explained
+from .model import ModelOperator, central_difference, dense, reraise_explained
 
 
 class _GradientGraph(NamedTuple):
@@ -101,7 +101,7 @@ class HessianOperator(ModelOperator):
         except RuntimeError:
             self._batched_ok = False  # an op without a batching rule: products one at a time from now on
             return self._products(state, rows)
-        return torch.cat([(h.reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
+        return torch.cat([(dense(h).reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
                           for h, p in zip(hv, self.params)], 1)
 
     def _chunks(self, v: torch.Tensor, grads, live) -> list[torch.Tensor]:

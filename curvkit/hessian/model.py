@@ -38,6 +38,11 @@ def _model_outputs(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a strided tensor: the gradients of ``nn.Embedding(sparse=True)`` weights are sparse."""
+    return t if t.layout == torch.strided else t.to_dense()
+
+
 def central_difference(f: Callable[[float], torch.Tensor], x_norm: float, d_norm: float, rel_step: float
                        ) -> torch.Tensor:
     """``(f(s) - f(-s)) / (2 s)``: the derivative at 0 of ``f(t) = F(x + t d)``, ``s = rel_step max(1, ||x||) / ||d||``.
@@ -178,7 +183,7 @@ class ModelOperator(CurvatureOperator):
 
     def _flat(self, tensors: Any, like: torch.Tensor) -> torch.Tensor:
         """One flat vector from tensors shaped like ``self.params`` (None: a zero block), in ``like``'s dtype."""
-        return torch.cat([t.reshape(-1).to(like.dtype) if t is not None else like.new_zeros(p.numel())
+        return torch.cat([dense(t).reshape(-1).to(like.dtype) if t is not None else like.new_zeros(p.numel())
                           for t, p in zip(tensors, self.params)])
 
     def _shifted(self, pieces: list[torch.Tensor], t: float) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import GGNOperator, HessianOperator, eigenvalues
-from tests._models import MODEL_KINDS, assert_untouched_by, dense_ggn, dense_hessian, make_model
+from tests._models import MODEL_KINDS, assert_untouched_by, dense_ggn, dense_hessian, make_model, token_bag_twins
 
 
 def _check(G, D):
@@ -87,6 +87,13 @@ def test_a_batch_of_ignored_targets_is_refused_under_a_mean():
         H = operator(model, F.cross_entropy, [(x[:4], torch.full((4,), -100)), (x, y)])
         with pytest.raises(ValueError, match="every target of a batch equals ignore_index=-100"):
             H @ torch.ones(H.shape[0])
+
+
+def test_sparse_embedding_gradients_match_the_dense_twin():
+    sparse, dense, ids, y = token_bag_twins()
+    for data in ([(ids[:5], y[:5]), (ids[5:], y[5:])], [(ids, y)]):
+        _check(GGNOperator(sparse, F.cross_entropy, data if len(data) > 1 else data[0]),
+               dense_ggn(dense, F.cross_entropy, data))
 
 
 def test_dataset_mode_weights_unequal_batches_by_sample_count():

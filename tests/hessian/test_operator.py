@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import HessianOperator
-from tests._models import assert_untouched_by, dense_hessian, make_model
+from tests._models import assert_untouched_by, dense_hessian, make_model, token_bag_twins
 
 
 def _products(H, D, seed=0):
@@ -35,6 +35,17 @@ def test_ignored_targets_give_the_exact_hessian():
     H = HessianOperator(model, F.cross_entropy, (x, y))
     got, want = _products(H, dense_hessian(model, F.cross_entropy, [(x, y)]))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_embedding_gradients_match_the_dense_twin():
+    sparse, dense, ids, y = token_bag_twins()
+    data = [(ids[:5], y[:5]), (ids[5:], y[5:])]
+    D = dense_hessian(dense, F.cross_entropy, data)
+    for batches in (data, (ids, y)):
+        got, want = _products(HessianOperator(sparse, F.cross_entropy, batches), D if batches is data else
+                              dense_hessian(dense, F.cross_entropy, [batches]))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert sparse.embed.weight.grad is None
 
 
 def test_vector_forms_agree():
