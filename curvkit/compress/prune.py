@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .._utils.batches import as_batches, to_device
+from .._utils.batches import as_batches, inputs_of, to_device
+from .._utils.borrow import ForwardFn
 from .._utils.progress import progress_bar
 from .._utils.random import Seed
 from ..hessian import HessianOperator
@@ -288,11 +289,14 @@ def _take_inputs(layer: nn.Module, keep: torch.Tensor, flattened: bool) -> nn.Mo
     return new
 
 
-def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None, *,
+                   forward: ForwardFn | None = None) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``data`` (after pruning).
 
     Statistics are reset and accumulated as a cumulative average (momentum None) over the batches in
-    train mode, without gradients; the copy is returned in eval mode.
+    train mode, without gradients; the copy is returned in eval mode. Each batch goes through
+    ``forward(copy, batch)`` (its result is ignored), by default ``copy(inputs)`` of an
+    ``(inputs, targets)`` pair or of a batch of inputs.
     """
     model = copy_model(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -307,6 +311,9 @@ def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None) 
         for i, batch in enumerate(as_batches(data)):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(to_device(inputs, device))
+            batch = to_device(batch, device)
+            if forward is None:
+                model(inputs_of(batch))
+            else:
+                forward(model, batch)
     return model.eval()

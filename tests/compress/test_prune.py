@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from curvkit.compress import (
     sensitivity,
 )
 from curvkit.datasets import load_digits_tensors
-from tests._models import hessian_case
+from tests._models import dict_twins, hessian_case, loss_of_dict_batch
 
 
 @functools.cache
@@ -144,6 +145,32 @@ def test_mixed_precision_beats_uniform_4_bit_at_the_same_size():
     assert res.weight_bits <= 4 * n
     assert loss["mixed"] < loss["uniform"], (loss, res.bits)
     assert _accuracy(quantize(model, res.bits), test) >= _accuracy(quantize(model, uniform), test)
+
+
+@pytest.mark.parametrize("method", ["hessian", "quadratic", "l2"])
+def test_scores_and_pruning_take_the_forward_hook(method):
+    net, pairs, wrapped, dicts = dict_twins()
+    kwargs = dict(method=method, max_matvecs=60, progress=False) if method != "l2" else dict(method=method)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "layerwise", RuntimeWarning)
+        want = channel_scores(net, F.cross_entropy, pairs, **kwargs)
+        got = channel_scores(wrapped, None, dicts, forward=loss_of_dict_batch, **kwargs)
+        pruned = prune_channels(wrapped, None, dicts, amount=0.4, forward=loss_of_dict_batch, **kwargs)
+    assert list(got["module"]) == ["net." + m for m in want["module"]]
+    np.testing.assert_allclose(got["score"], want["score"], rtol=1e-10)
+    table = pruned.pruning_table
+    assert table[table["module"] == "net.5"]["pruned"].sum() == 0 and table["pruned"].sum() == round(0.4 * 10)
+
+
+def test_bn_recalibration_takes_the_forward_hook():
+    net, pairs, wrapped, dicts = dict_twins()
+    want = recalibrate_bn(net, pairs)
+    got = recalibrate_bn(wrapped, dicts, forward=lambda model, batch: model(**batch))
+    torch.testing.assert_close(got.net[1].running_mean, want[1].running_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.net[1].running_var, want[1].running_var, rtol=1e-12, atol=0)
+    with torch.no_grad():  # momentum None: the running mean is the mean of the batch means
+        torch.testing.assert_close(want[1].running_mean, torch.stack([net[0](b[0]).mean(0) for b in pairs]).mean(0))
+    assert not torch.equal(want[1].running_mean, net[1].running_mean)
 
 
 def test_bad_pruning_arguments():
