@@ -22,7 +22,10 @@ from .._utils.batches import as_batches, inputs_of, to_device
 from .._utils.borrow import ForwardFn
 from .._utils.progress import progress_bar
 from .._utils.random import Seed
-from ..hessian import HessianOperator
+from ..hessian import build_operator
+from ..hessian.factory import OperatorSpec
+from ..hessian.layerwise import channel_spans
+from ..hessian.operator import matmat_float64
 from .sensitivity import sensitivity, weight_layers
 
 METHODS = ("hessian", "quadratic", "l2", "l1")
@@ -30,7 +33,11 @@ METHODS = ("hessian", "quadratic", "l2", "l1")
 
 def channel_scores(model: nn.Module, loss_fn: Any, data: Any, method: str = "hessian", seed: Seed = 0,
                    **sensitivity_kwargs: Any) -> pd.DataFrame:
-    """Importance of every output channel of every Linear/Conv layer: columns ``module, channel, score``."""
+    """Importance of every output channel of every Linear/Conv layer: columns ``module, channel, score``.
+
+    ``sensitivity_kwargs`` go to :func:`~curvkit.compress.sensitivity` (``"hessian"``) or to the
+    operator (``"quadratic"``), including ``operator="hessian" | "ggn" | factory`` and ``forward=``.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hessian":
@@ -50,37 +57,31 @@ def channel_scores(model: nn.Module, loss_fn: Any, data: Any, method: str = "hes
     return pd.DataFrame(rows)
 
 
-def _quadratic_scores(model: nn.Module, loss_fn: Any, data: Any, layers: dict[str, nn.Module],
-                      **operator_kwargs: Any) -> pd.DataFrame:
-    r"""S_c = w_c^T H_cc w_c exactly: one Hessian product per channel, in lock-step blocks.
+def _quadratic_scores(model: nn.Module, loss_fn: Any, data: Any, layers: dict[str, nn.Module], *,
+                      operator: OperatorSpec = "hessian", progress: bool | None = None, rtol: float | None = None,
+                      max_matvecs: int | None = None, **operator_kwargs: Any) -> pd.DataFrame:
+    r"""S_c = w_c^T H_cc w_c exactly: one product per channel, in lock-step blocks.
 
     At a minimum, zeroing channel c raises the loss by about S_c / 2 (the second-order Taylor term
     of the step -w_c); unlike HAP's tr(H_cc)/n_c ||w_c||^2 it uses the channel's actual direction.
+    H is ``operator`` (``"hessian"``, ``"ggn"`` or a factory, see :func:`~curvkit.hessian.build_operator`)
+    over the layers' weights and biases; ``rtol`` and ``max_matvecs`` (of the sampled scores) do not apply.
     """
-    operator_kwargs.pop("rtol", None)
-    operator_kwargs.pop("max_matvecs", None)
-    progress = operator_kwargs.pop("progress", None)
     params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None and p.requires_grad]
-    H = HessianOperator(model, loss_fn, data, params=params, **operator_kwargs)
-    offsets = dict(zip(H.param_names, np.cumsum([0, *[p.numel() for p in H.params[:-1]]]).tolist()))
-    theta = H.flatten([p.detach() for p in H.params]).to(torch.float64)
-    spans = []
-    for name, module in layers.items():
-        weight, bias = (f"{name}.{n}" if name else n for n in ("weight", "bias"))
-        per = module.weight[0].numel()
-        for c in range(module.weight.shape[0]):
-            idx = [torch.arange(offsets[weight] + c * per, offsets[weight] + (c + 1) * per)]
-            if bias in offsets:
-                idx.append(torch.tensor([offsets[bias] + c]))
-            spans.append((name, c, torch.cat(idx)))
-    scores = []
+    H = build_operator(operator, model, loss_fn, data, params=params, **operator_kwargs)
+    offsets = dict(zip(H.param_names, H.offsets))
+    theta = torch.cat([p.detach().reshape(-1) for p in H.params]).to(device=H.device, dtype=torch.float64)
+    spans = [(name, c, channel) for name, module in layers.items()
+             for c, channel in enumerate(channel_spans(offsets, name, module))]
+    scores, block = [], getattr(H, "max_block", 16)
     with progress_bar(total=len(spans), desc="channel quadratic forms", enable=progress) as bar:
-        for start in range(0, len(spans), H.max_block):
-            chunk = spans[start:start + H.max_block]
+        for start in range(0, len(spans), block):
+            chunk = spans[start:start + block]
             V = torch.zeros(H.shape[0], len(chunk), dtype=torch.float64, device=H.device)
-            for j, (_, _, idx) in enumerate(chunk):
-                V[idx, j] = theta[idx]
-            scores.extend((V * (H @ V)).sum(0).tolist())
+            for j, (_, _, channel) in enumerate(chunk):
+                for lo, hi in channel:
+                    V[lo:hi, j] = theta[lo:hi]
+            scores.extend((V * matmat_float64(H, V)).sum(0).tolist())
             bar.update(len(chunk))
     return pd.DataFrame({"module": [s[0] for s in spans], "channel": [s[1] for s in spans], "score": scores})
 

@@ -23,7 +23,8 @@ from curvkit.compress import (
     sensitivity,
 )
 from curvkit.datasets import load_digits_tensors
-from tests._models import dict_twins, hessian_case, loss_of_dict_batch
+from curvkit.hessian import GGNOperator
+from tests._models import dense_ggn, dense_hessian, dict_twins, hessian_case, loss_of_dict_batch, make_model
 
 
 @functools.cache
@@ -69,6 +70,28 @@ def test_channel_traces_match_exact_blocks_in_rank():
     assert spearmanr(sens["trace"], exact).statistic >= 0.9
     assert sens.attrs["skipped"] == ["1 (BatchNorm2d): not a Linear/Conv layer, skipped"]
     np.testing.assert_allclose(sens["hap"], sens["trace"] / sens["n_params"] * sens["weight_sq"])
+
+
+@pytest.mark.parametrize("operator, dense", [("hessian", dense_hessian), ("ggn", dense_ggn), (GGNOperator, dense_ggn)],
+                         ids=["hessian", "ggn", "factory"])
+def test_quadratic_scores_are_exact_for_the_chosen_operator(operator, dense):
+    model, x, y = make_model("conv_bn")
+    loader = [(x[:7], y[:7]), (x[7:], y[7:])]
+    scores = channel_scores(model, F.cross_entropy, loader, method="quadratic", operator=operator, max_block=4)
+    D = dense(model, F.cross_entropy, loader)
+    names = [n for n, _ in model.named_parameters()]
+    offsets = np.cumsum([0] + [p.numel() for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    exact = []
+    for module, c in zip(scores["module"], scores["channel"]):
+        w, b = names.index(f"{module}.weight"), names.index(f"{module}.bias")
+        per = model.get_submodule(module).weight[0].numel()
+        idx = torch.cat([torch.arange(offsets[w] + c * per, offsets[w] + (c + 1) * per),
+                         torch.tensor([offsets[b] + c])])
+        w_c = theta[idx]
+        exact.append(float(w_c @ D[idx][:, idx] @ w_c))
+    assert len(exact) == 3 + 3
+    np.testing.assert_allclose(scores["score"], exact, rtol=1e-9)
 
 
 def _single_channel_damage(model, data, layer):
