@@ -4,12 +4,12 @@ HAP (Yu et al. 2022) scores output channel c of a layer by S_c = tr(H_cc)/n_c ||
 second-order estimate of the loss increase from zeroing it); the baselines are ||w_c||_2 and
 ||w_c||_1. One global threshold ranks channels across layers, with a per-layer cap; every layer
 keeps at least one channel and the classifier's outputs are never pruned. Masks are applied with
-``torch.nn.utils.prune.custom_from_mask`` on a copy of the model.
+``torch.nn.utils.prune.custom_from_mask`` on a copy of the model; :mod:`.surgery` copies pruned
+models and removes zeroed channels for good.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch.nn.utils import prune
 
 from .._utils.batches import as_batches, inputs_of, to_device
 from .._utils.borrow import ForwardFn
+from .._utils.layers import WEIGHT_LAYERS
 from .._utils.progress import progress_bar
 from .._utils.random import Seed
 from ..hessian import build_operator
@@ -27,6 +28,7 @@ from ..hessian.factory import OperatorSpec
 from ..hessian.layerwise import channel_spans
 from ..hessian.operator import matmat_float64
 from .sensitivity import sensitivity, weight_layers
+from .surgery import copy_model, replace_submodule
 
 METHODS = ("hessian", "quadratic", "l2", "l1")
 
@@ -172,23 +174,27 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
         if not gone:
             continue
         layer = modules[name]
-        keep = torch.ones(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
-        keep[gone] = 0
-        prune.custom_from_mask(layer, "weight", keep.reshape(-1, *[1] * (layer.weight.dim() - 1)).expand_as(
-            layer.weight).clone())
-        if layer.bias is not None:
-            prune.custom_from_mask(layer, "bias", keep.clone())
-        bn = followers.get(name)
-        if bn is not None and bn.affine:
-            prune.custom_from_mask(bn, "weight", keep.clone())
-            prune.custom_from_mask(bn, "bias", keep.clone())
+        _mask_channels(layer, gone, followers.get(name))
         if implant:
             ranked = group[group["pruned"]].sort_values("score", ascending=False)
             moderate = ranked["channel"].tolist()[: max(1, len(ranked) // 2)]
-            _replace(pruned, name, Implanted(layer, moderate))
+            replace_submodule(pruned, name, Implanted(layer, moderate))
     pruned.pruning_table = table
     pruned.pruning_skipped = skipped
     return pruned
+
+
+def _mask_channels(layer: nn.Module, gone: list[int], bn: nn.Module | None) -> None:
+    """Zero the output channels ``gone`` of a Linear/Conv layer (and of the BatchNorm after it) with prune masks."""
+    keep = torch.ones(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+    keep[gone] = 0
+    prune.custom_from_mask(layer, "weight", keep.reshape(-1, *[1] * (layer.weight.dim() - 1)).expand_as(
+        layer.weight).clone())
+    if layer.bias is not None:
+        prune.custom_from_mask(layer, "bias", keep.clone())
+    if bn is not None and bn.affine:
+        prune.custom_from_mask(bn, "weight", keep.clone())
+        prune.custom_from_mask(bn, "bias", keep.clone())
 
 
 def _batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
@@ -199,95 +205,10 @@ def _batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
     named = list(model.named_modules())
     out = {}
     for (name, module), (_, nxt) in zip(named, named[1:]):
-        if isinstance(module, _WEIGHT_LAYERS) and isinstance(nxt, nn.modules.batchnorm._BatchNorm) \
+        if isinstance(module, WEIGHT_LAYERS) and isinstance(nxt, nn.modules.batchnorm._BatchNorm) \
                 and nxt.num_features == module.weight.shape[0]:
             out[name] = nxt
     return out
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on models pruned with ``torch.nn.utils.prune``.
-
-    A pruned module's ``weight`` is the non-leaf ``weight_orig * weight_mask``, which deepcopy refuses;
-    it is copied as a plain tensor (the forward pre-hook recomputes it anyway).
-    """
-    memo = {id(t): t.detach().clone() for m in model.modules() for n in ("weight", "bias")
-            if hasattr(m, n + "_orig") for t in [getattr(m, n)]}
-    return copy.deepcopy(model, memo)
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def remove_channels(model: nn.Module) -> nn.Module:
-    """Physically remove zeroed output channels from a plain ``nn.Sequential`` chain (a smaller copy).
-
-    Supports Linear, Conv1d/2d/3d (groups=1), BatchNorm, Flatten and parameter-free layers between
-    them; the next weight layer loses the matching inputs. Masks from :func:`prune_channels` are
-    made permanent first; the function (outputs) is unchanged.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError("remove_channels handles plain nn.Sequential chains; keep the masked model otherwise")
-    model = copy_model(model)
-    for module in model:
-        for pname in ("weight", "bias"):
-            if hasattr(module, pname + "_orig"):
-                prune.remove(module, pname)
-    layers = list(model)
-    keep, flattened = None, False
-    for i, layer in enumerate(layers):
-        weighted = isinstance(layer, _WEIGHT_LAYERS)
-        if keep is not None:
-            if isinstance(layer, nn.Flatten):
-                flattened = True
-            elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                layers[i] = _take(layer, keep, ("weight", "bias", "running_mean", "running_var"), "num_features")
-            elif weighted:
-                layers[i] = _take_inputs(layer, keep, flattened)
-                keep = None
-            elif any(True for _ in layer.parameters()):
-                raise ValueError(f"remove_channels cannot pass channels through {type(layer).__name__}")
-        if weighted:
-            w = layers[i].weight.detach()
-            alive = w.reshape(w.shape[0], -1).abs().sum(1) > 0
-            if layers[i].bias is not None:
-                alive |= layers[i].bias.detach() != 0
-            if alive.any() and not alive.all():
-                out_attr = "out_features" if isinstance(layer, nn.Linear) else "out_channels"
-                layers[i] = _take(layers[i], alive, ("weight", "bias"), out_attr)
-                keep, flattened = alive, False
-    return nn.Sequential(*layers)
-
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _take(layer: nn.Module, keep: torch.Tensor, names: tuple[str, ...], size_attr: str) -> nn.Module:
-    """A copy of ``layer`` with the ``keep`` entries (dim 0) of the named parameters/buffers."""
-    new = copy.deepcopy(layer)
-    for name in names:
-        value = getattr(layer, name, None)
-        if value is None:
-            continue
-        kept = value.detach()[keep].clone()
-        setattr(new, name, nn.Parameter(kept) if isinstance(value, nn.Parameter) else kept)
-    setattr(new, size_attr, int(keep.sum()))
-    return new
-
-
-def _take_inputs(layer: nn.Module, keep: torch.Tensor, flattened: bool) -> nn.Module:
-    """A copy of a Linear/Conv layer without the inputs of removed channels (after Flatten: their features)."""
-    if getattr(layer, "groups", 1) != 1:
-        raise ValueError("remove_channels does not handle grouped convolutions")
-    span = layer.in_features // keep.numel() if flattened else 1
-    cols = keep.repeat_interleave(span)
-    new = copy.deepcopy(layer)
-    new.weight = nn.Parameter(layer.weight.detach()[:, cols].clone())
-    setattr(new, "in_features" if isinstance(layer, nn.Linear) else "in_channels", int(cols.sum()))
-    return new
 
 
 def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None, *,

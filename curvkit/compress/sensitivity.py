@@ -15,10 +15,10 @@ from torch import nn
 
 from .._utils.batches import as_batches, batch_size, to_device
 from .._utils.borrow import BorrowedLoss, ForwardFn, require_materialised
+from .._utils.layers import WEIGHT_LAYERS
 from .._utils.random import Seed
 from ..hessian import layerwise
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GRANULARITIES = ("layer", "channel")
 
 
@@ -34,7 +34,7 @@ def weight_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if isinstance(module, QUANTIZABLE) and "weight" in own:
+        if isinstance(module, WEIGHT_LAYERS) and "weight" in own:
             layers[name] = module
         else:
             skipped.append(f"{name or '<root>'} ({type(module).__name__}): not a Linear/Conv layer, skipped")
