@@ -61,9 +61,9 @@ MODEL_KINDS = ["tanh_mlp", "gelu_mlp", "conv_bn", "attention"]
 class TokenBag(nn.Module):
     """Mean of tanh'd token embeddings, then a linear classifier; ``sparse`` embedding gradients or dense."""
 
-    def __init__(self, sparse: bool, vocab: int = 10, dim: int = 4, classes: int = 3):
+    def __init__(self, sparse: bool, vocab: int = 10, dim: int = 4, classes: int = 3, padding_idx: int | None = None):
         super().__init__()
-        self.embed = nn.Embedding(vocab, dim, sparse=sparse)
+        self.embed = nn.Embedding(vocab, dim, sparse=sparse, padding_idx=padding_idx)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, ids):

@@ -163,6 +163,8 @@ class ModelOperator(CurvatureOperator):
         outputs, then the loss gradient w.r.t. them, for :class:`GGNOperator`). The error is :math:`O(s^2)`
         from truncation plus :math:`O(\epsilon / s)` from rounding.
         Averaged over the data (and ranks) like the products; the reference of :func:`~curvkit.hessian.check`.
+        The padding rows of embeddings (``padding_idx``), which get no gradient and so no curvature in the
+        products, are left out of the directions.
 
         Args:
             V: an ``(n, k)`` block of directions.
@@ -174,12 +176,28 @@ class ModelOperator(CurvatureOperator):
         n = self.shape[0]
         if V.dim() != 2 or V.shape[0] != n:
             raise ValueError(f"V must have shape ({n}, k), got {tuple(V.shape)}")
-        rows = V.T.to(device=self.device, dtype=self.dtype)
+        rows = self._without_padding_rows(V.T.to(device=self.device, dtype=self.dtype))
         theta_norm = float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1).double() for p in self.params])))
         quotients = ((batch_size(batch), self._difference_quotients(to_device(batch, self.device), rows, rel_step,
                                                                     theta_norm))
                      for batch in self._batches)
         return self._weighted_mean(rows.shape, quotients).T
+
+    def _without_padding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (k, n) with the coordinates of embedding padding rows zeroed.
+
+        autograd gives the ``padding_idx`` row of an ``nn.Embedding``/``nn.EmbeddingBag`` no gradient, so
+        the products treat it as frozen (its rows and columns of H are zero); a finite difference that
+        moved it would measure curvature the products leave out on purpose.
+        """
+        starts = dict(zip(map(id, self.params), self.offsets))
+        rows = rows.clone()
+        for module in self.model.modules():
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None \
+                    and id(module.weight) in starts:
+                start = starts[id(module.weight)] + module.padding_idx * module.embedding_dim
+                rows[:, start:start + module.embedding_dim] = 0
+        return rows
 
     def _flat(self, tensors: Any, like: torch.Tensor) -> torch.Tensor:
         """One flat vector from tensors shaped like ``self.params`` (None: a zero block), in ``like``'s dtype."""

@@ -11,7 +11,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from curvkit.hessian import CheckResult, GGNOperator, HessianOperator, check
-from tests._models import MODEL_KINDS, dense_ggn, dense_hessian, make_model
+from tests._models import MODEL_KINDS, TokenBag, dense_ggn, dense_hessian, make_model
 
 
 class ConstantSlopeTanh(torch.autograd.Function):
@@ -148,6 +148,26 @@ def test_ggn_whose_jacobian_products_are_wrong_is_flagged():
     assert not res.ok and res.rel_error > 0.1
     with pytest.raises(FloatingPointError, match="incoming gradient"):
         GGNOperator(model, F.cross_entropy, data, check=True)
+
+
+@pytest.mark.parametrize("padding_idx", [0, -3])
+def test_embedding_padding_rows_are_frozen_in_the_products_and_in_the_reference(padding_idx):
+    torch.manual_seed(0)
+    padded = TokenBag(sparse=False, padding_idx=padding_idx).double()
+    twin = TokenBag(sparse=False).double()  # the same function, with a gradient for every row
+    with torch.no_grad():
+        padded.embed.weight[padding_idx] = torch.randn(4)
+    twin.load_state_dict(padded.state_dict())
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 10, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
+    ids[:, 0] = padded.embed.padding_idx
+    H = HessianOperator(padded, F.cross_entropy, (ids, y))
+    keep = torch.ones(H.shape[0])
+    row = padded.embed.padding_idx
+    keep[row * 4:(row + 1) * 4] = 0
+    full = dense_hessian(twin, F.cross_entropy, [(ids, y)])
+    torch.testing.assert_close(H @ torch.eye(H.shape[0]), keep[:, None] * full * keep, rtol=1e-10, atol=1e-12)
+    assert check(H, seed=0).ok and check(GGNOperator(padded, F.cross_entropy, (ids, y)), seed=0).ok
 
 
 def test_check_at_construction_passes_exact_products_and_counts_them():
