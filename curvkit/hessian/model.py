@@ -63,7 +63,9 @@ class ModelOperator(CurvatureOperator):
     all-reduced once (sample-count weighted). Subclasses define ``_prepare(batch)`` and
     ``_products(state, rows)``; those that need the model's outputs rather than a loss set
     ``ACCEPTS_FORWARD = False`` (their borrowed call then returns the outputs, and ``loss_fn`` is
-    applied by the subclass).
+    applied by the subclass). ``_difference_quotients(batch, rows, rel_step, theta_norm)`` gives the
+    first-derivative reference of :meth:`finite_differences` (and so of ``check``), and ``CHECK_HINT``
+    says what a failed check means.
 
     Args:
         model: the model, borrowed (never mutated).
@@ -89,6 +91,7 @@ class ModelOperator(CurvatureOperator):
     """
 
     ACCEPTS_FORWARD = True
+    CHECK_HINT = "an operation in the model or loss_fn is not correctly twice differentiable"
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
                  forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 16,
@@ -121,8 +124,6 @@ class ModelOperator(CurvatureOperator):
         self._batched_ok = True
         if check:
             self._require_exact_products()
-
-    CHECK_HINT = "an operation in the model or loss_fn is not correctly twice differentiable"
 
     def _require_exact_products(self) -> None:
         """Run :func:`~curvkit.hessian.check` once and raise if the products disagree with finite differences."""
