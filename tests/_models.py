@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,28 @@ def make_model(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch
 
 
 MODEL_KINDS = ["tanh_mlp", "gelu_mlp", "conv_bn", "attention"]
+
+
+class TokenBag(nn.Module):
+    """Mean of tanh'd token embeddings, then a linear classifier; ``sparse`` embedding gradients or dense."""
+
+    def __init__(self, sparse: bool, vocab: int = 10, dim: int = 4, classes: int = 3, padding_idx: int | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, sparse=sparse, padding_idx=padding_idx)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+def token_bag_twins(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The same float64 TokenBag with sparse and with dense embedding gradients, token ids and labels."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sparse = TokenBag(sparse=True).double().eval()
+    dense = TokenBag(sparse=False).double().eval()
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense, torch.randint(0, 10, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
 
 
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
@@ -114,6 +137,26 @@ def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return (Q * eigs) @ Q.T
 
 
+def model_state(model: nn.Module) -> tuple:
+    """Everything curvkit must leave alone: state dict, every module's mode, .grad, requires_grad, hooks."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(name, m.training) for name, m in model.named_modules()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            [p.requires_grad for p in model.parameters()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    """``model_state`` before and after a call are identical (tensors bit for bit)."""
+    assert before[0].keys() == after[0].keys()
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1], [b for b, a in zip(before[1], after[1]) if b != a]
+    assert [g is None for g in before[2]] == [g is None for g in after[2]]
+    assert all(g is None or torch.equal(g, h) for g, h in zip(before[2], after[2]))
+    assert before[3:] == after[3:]
+
+
 def assert_untouched_by(call) -> None:
     """Run ``call(model, x, y)`` on a train-mode conv+BN model with a set .grad and a frozen parameter,
     and check that parameters, buffers, modes, .grad and requires_grad are exactly as before."""
@@ -121,17 +164,58 @@ def assert_untouched_by(call) -> None:
     model.train()
     model[0].weight.grad = torch.ones_like(model[0].weight)
     model[4].bias.requires_grad_(False)
-
-    def state():
-        return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
-                [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-                [p.requires_grad for p in model.parameters()])
-
-    before = state()
+    before = model_state(model)
     call(model, x, y)
-    after = state()
-    for k in before[0]:
-        assert torch.equal(before[0][k], after[0][k]), k
-    assert before[1] == after[1]
-    assert torch.equal(after[2][0], before[2][0]) and all(g is None for g in after[2][1:])
-    assert before[3] == after[3]
+    assert_same_state(before, model_state(model))
+
+
+class MixedModes(nn.Module):
+    """A train-mode wrapper around an eval-mode body (BatchNorm, Dropout) and a train-mode head with BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 4))
+        self.head = nn.Sequential(nn.Tanh(), nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def mixed_modes_case(seed: int = 0) -> tuple[nn.Module, list]:
+    """A float64 MixedModes (body in eval mode, the rest in train mode, a .grad set, a frozen parameter) and data."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = MixedModes().double().train()
+    model.body.eval()
+    model.body[0].weight.grad = torch.ones_like(model.body[0].weight)
+    model.head[2].bias.requires_grad_(False)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return model, [(x[:9], y[:9]), (x[9:], y[9:])]
+
+
+class DictClassifier(nn.Module):
+    """``net`` called like a Hugging Face model: ``model(**batch)`` with the labels inside; ``.loss``, ``.logits``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        return SimpleNamespace(logits=logits, loss=None if labels is None else F.cross_entropy(logits, labels))
+
+
+def loss_of_dict_batch(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The ``forward=`` hook of :class:`DictClassifier`: the loss the model computes from a dict batch."""
+    return model(**batch).loss
+
+
+def dict_twins(seed: int = 0) -> tuple[nn.Module, list, nn.Module, list]:
+    """A float64 MLP with BatchNorm on (inputs, targets) pairs, and the same MLP in a DictClassifier on dicts."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(),
+                        nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
+    pairs = [(x[:12], y[:12]), (x[12:], y[12:])]
+    return net, pairs, DictClassifier(net), [{"features": a, "labels": b} for a, b in pairs]

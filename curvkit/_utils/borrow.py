@@ -19,6 +19,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from .targets import check_class_targets
+
 try:  # torch >= 2.3: pick the twice-differentiable (math) attention kernel during curvature forwards
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -89,6 +91,22 @@ def require_scalar_loss(loss: Any, what: str, hint: str = "use a mean reduction 
     return loss.reshape(())
 
 
+def require_materialised(model: nn.Module) -> None:
+    """Refuse a model with a parameter or buffer on the ``meta`` device (a shape without values).
+
+    Raises:
+        ValueError: naming the first such tensor and how to materialise the model.
+    """
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                raise ValueError(
+                    f"the model's {kind} {name!r} is on the meta device: it has a shape but no values, so there is "
+                    "nothing to differentiate or evaluate; materialise the model first, e.g. "
+                    "model.to_empty(device='cpu') followed by model.load_state_dict(state_dict)"
+                )
+
+
 @contextmanager
 def preserved_modes(model: nn.Module) -> Iterator[None]:
     """Restore the ``training`` flag of every module of ``model`` on exit, whatever happens inside."""
@@ -108,7 +126,9 @@ def _default_forward(loss_fn: LossFn) -> ForwardFn:
                 "forward=lambda model, batch: loss"
             )
         inputs, targets = batch
-        return loss_fn(model(inputs), targets)
+        outputs = model(inputs)
+        check_class_targets(loss_fn, outputs, targets)
+        return loss_fn(outputs, targets)
 
     return forward
 
@@ -129,7 +149,9 @@ class BorrowedLoss:
     """``loss(leaves, batch)``: the model's loss with the selected parameters replaced by ``leaves``.
 
     Never mutates the model: BatchNorm modes are set only during the call and restored, buffers are
-    private copies, and Dropout active in train mode is refused (it would make the Hessian random).
+    private copies, and Dropout active in train mode is refused (it would make the Hessian random), as
+    is a model on the meta device. The default forward takes ``(inputs, targets)`` pairs and checks
+    class-index targets of cross-entropy and NLL losses (:func:`~curvkit._utils.targets.check_class_targets`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, names: list[str], *,
@@ -140,6 +162,7 @@ class BorrowedLoss:
             if loss_fn is None or not callable(loss_fn):
                 raise TypeError("loss_fn must be a callable loss_fn(outputs, targets) -> scalar (or pass forward=)")
             forward = _default_forward(loss_fn)
+        require_materialised(model)
         for name, module in model.named_modules():
             if isinstance(module, _DropoutNd) and module.training and module.p > 0:
                 raise ValueError(

@@ -5,9 +5,10 @@
 >>> qmodel = quantize(model, mixed_precision(model, sens, max_weight_bits=4 * sens.n_params.sum()).bits)
 """
 
-from .prune import Implanted, channel_scores, prune_channels, recalibrate_bn, remove_channels
+from .prune import Implanted, channel_scores, prune_channels, recalibrate_bn
 from .quantize import MixedPrecision, mixed_precision, perturbation, quantize, quantize_weight
 from .sensitivity import sensitivity
+from .surgery import remove_channels
 
 __all__ = ["sensitivity", "mixed_precision", "quantize", "quantize_weight", "perturbation", "MixedPrecision",
            "prune_channels", "channel_scores", "remove_channels", "recalibrate_bn", "Implanted"]

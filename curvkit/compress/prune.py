@@ -4,12 +4,12 @@ HAP (Yu et al. 2022) scores output channel c of a layer by S_c = tr(H_cc)/n_c ||
 second-order estimate of the loss increase from zeroing it); the baselines are ||w_c||_2 and
 ||w_c||_1. One global threshold ranks channels across layers, with a per-layer cap; every layer
 keeps at least one channel and the classifier's outputs are never pruned. Masks are applied with
-``torch.nn.utils.prune.custom_from_mask`` on a copy of the model.
+``torch.nn.utils.prune.custom_from_mask`` on a copy of the model; :mod:`.surgery` copies pruned
+models and removes zeroed channels for good.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -18,18 +18,28 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .._utils.batches import as_batches, to_device
+from .._utils.batches import as_batches, inputs_of, to_device
+from .._utils.borrow import ForwardFn
+from .._utils.layers import WEIGHT_LAYERS
 from .._utils.progress import progress_bar
 from .._utils.random import Seed
-from ..hessian import HessianOperator
+from ..hessian import build_operator
+from ..hessian.factory import OperatorSpec
+from ..hessian.layerwise import channel_spans
+from ..hessian.operator import matmat_float64
 from .sensitivity import sensitivity, weight_layers
+from .surgery import copy_model, replace_submodule
 
 METHODS = ("hessian", "quadratic", "l2", "l1")
 
 
 def channel_scores(model: nn.Module, loss_fn: Any, data: Any, method: str = "hessian", seed: Seed = 0,
                    **sensitivity_kwargs: Any) -> pd.DataFrame:
-    """Importance of every output channel of every Linear/Conv layer: columns ``module, channel, score``."""
+    """Importance of every output channel of every Linear/Conv layer: columns ``module, channel, score``.
+
+    ``sensitivity_kwargs`` go to :func:`~curvkit.compress.sensitivity` (``"hessian"``) or to the
+    operator (``"quadratic"``), including ``operator="hessian" | "ggn" | factory`` and ``forward=``.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hessian":
@@ -49,37 +59,31 @@ def channel_scores(model: nn.Module, loss_fn: Any, data: Any, method: str = "hes
     return pd.DataFrame(rows)
 
 
-def _quadratic_scores(model: nn.Module, loss_fn: Any, data: Any, layers: dict[str, nn.Module],
-                      **operator_kwargs: Any) -> pd.DataFrame:
-    r"""S_c = w_c^T H_cc w_c exactly: one Hessian product per channel, in lock-step blocks.
+def _quadratic_scores(model: nn.Module, loss_fn: Any, data: Any, layers: dict[str, nn.Module], *,
+                      operator: OperatorSpec = "hessian", progress: bool | None = None, rtol: float | None = None,
+                      max_matvecs: int | None = None, **operator_kwargs: Any) -> pd.DataFrame:
+    r"""S_c = w_c^T H_cc w_c exactly: one product per channel, in lock-step blocks.
 
     At a minimum, zeroing channel c raises the loss by about S_c / 2 (the second-order Taylor term
     of the step -w_c); unlike HAP's tr(H_cc)/n_c ||w_c||^2 it uses the channel's actual direction.
+    H is ``operator`` (``"hessian"``, ``"ggn"`` or a factory, see :func:`~curvkit.hessian.build_operator`)
+    over the layers' weights and biases; ``rtol`` and ``max_matvecs`` (of the sampled scores) do not apply.
     """
-    operator_kwargs.pop("rtol", None)
-    operator_kwargs.pop("max_matvecs", None)
-    progress = operator_kwargs.pop("progress", None)
     params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None and p.requires_grad]
-    H = HessianOperator(model, loss_fn, data, params=params, **operator_kwargs)
-    offsets = dict(zip(H.param_names, np.cumsum([0, *[p.numel() for p in H.params[:-1]]]).tolist()))
-    theta = H.flatten([p.detach() for p in H.params]).to(torch.float64)
-    spans = []
-    for name, module in layers.items():
-        weight, bias = (f"{name}.{n}" if name else n for n in ("weight", "bias"))
-        per = module.weight[0].numel()
-        for c in range(module.weight.shape[0]):
-            idx = [torch.arange(offsets[weight] + c * per, offsets[weight] + (c + 1) * per)]
-            if bias in offsets:
-                idx.append(torch.tensor([offsets[bias] + c]))
-            spans.append((name, c, torch.cat(idx)))
-    scores = []
+    H = build_operator(operator, model, loss_fn, data, params=params, **operator_kwargs)
+    offsets = dict(zip(H.param_names, H.offsets))
+    theta = torch.cat([p.detach().reshape(-1) for p in H.params]).to(device=H.device, dtype=torch.float64)
+    spans = [(name, c, channel) for name, module in layers.items()
+             for c, channel in enumerate(channel_spans(offsets, name, module))]
+    scores, block = [], getattr(H, "max_block", 16)
     with progress_bar(total=len(spans), desc="channel quadratic forms", enable=progress) as bar:
-        for start in range(0, len(spans), H.max_block):
-            chunk = spans[start:start + H.max_block]
+        for start in range(0, len(spans), block):
+            chunk = spans[start:start + block]
             V = torch.zeros(H.shape[0], len(chunk), dtype=torch.float64, device=H.device)
-            for j, (_, _, idx) in enumerate(chunk):
-                V[idx, j] = theta[idx]
-            scores.extend((V * (H @ V)).sum(0).tolist())
+            for j, (_, _, channel) in enumerate(chunk):
+                for lo, hi in channel:
+                    V[lo:hi, j] = theta[lo:hi]
+            scores.extend((V * matmat_float64(H, V)).sum(0).tolist())
             bar.update(len(chunk))
     return pd.DataFrame({"module": [s[0] for s in spans], "channel": [s[1] for s in spans], "score": scores})
 
@@ -125,6 +129,7 @@ class Implanted(nn.Module):
         nn.init.zeros_(self.implant.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output with the implant's output added to the implanted channels."""
         out = self.layer(x)
         extra = self.implant(x)
         if extra.shape[2:] != out.shape[2:]:  # a kernel without padding shrinks the map; crop the 1x1 path
@@ -170,23 +175,27 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
         if not gone:
             continue
         layer = modules[name]
-        keep = torch.ones(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
-        keep[gone] = 0
-        prune.custom_from_mask(layer, "weight", keep.reshape(-1, *[1] * (layer.weight.dim() - 1)).expand_as(
-            layer.weight).clone())
-        if layer.bias is not None:
-            prune.custom_from_mask(layer, "bias", keep.clone())
-        bn = followers.get(name)
-        if bn is not None and bn.affine:
-            prune.custom_from_mask(bn, "weight", keep.clone())
-            prune.custom_from_mask(bn, "bias", keep.clone())
+        _mask_channels(layer, gone, followers.get(name))
         if implant:
             ranked = group[group["pruned"]].sort_values("score", ascending=False)
             moderate = ranked["channel"].tolist()[: max(1, len(ranked) // 2)]
-            _replace(pruned, name, Implanted(layer, moderate))
+            replace_submodule(pruned, name, Implanted(layer, moderate))
     pruned.pruning_table = table
     pruned.pruning_skipped = skipped
     return pruned
+
+
+def _mask_channels(layer: nn.Module, gone: list[int], bn: nn.Module | None) -> None:
+    """Zero the output channels ``gone`` of a Linear/Conv layer (and of the BatchNorm after it) with prune masks."""
+    keep = torch.ones(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+    keep[gone] = 0
+    prune.custom_from_mask(layer, "weight", keep.reshape(-1, *[1] * (layer.weight.dim() - 1)).expand_as(
+        layer.weight).clone())
+    if layer.bias is not None:
+        prune.custom_from_mask(layer, "bias", keep.clone())
+    if bn is not None and bn.affine:
+        prune.custom_from_mask(bn, "weight", keep.clone())
+        prune.custom_from_mask(bn, "bias", keep.clone())
 
 
 def _batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
@@ -197,102 +206,20 @@ def _batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
     named = list(model.named_modules())
     out = {}
     for (name, module), (_, nxt) in zip(named, named[1:]):
-        if isinstance(module, _WEIGHT_LAYERS) and isinstance(nxt, nn.modules.batchnorm._BatchNorm) \
+        if isinstance(module, WEIGHT_LAYERS) and isinstance(nxt, nn.modules.batchnorm._BatchNorm) \
                 and nxt.num_features == module.weight.shape[0]:
             out[name] = nxt
     return out
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on models pruned with ``torch.nn.utils.prune``.
-
-    A pruned module's ``weight`` is the non-leaf ``weight_orig * weight_mask``, which deepcopy refuses;
-    it is copied as a plain tensor (the forward pre-hook recomputes it anyway).
-    """
-    memo = {id(t): t.detach().clone() for m in model.modules() for n in ("weight", "bias")
-            if hasattr(m, n + "_orig") for t in [getattr(m, n)]}
-    return copy.deepcopy(model, memo)
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def remove_channels(model: nn.Module) -> nn.Module:
-    """Physically remove zeroed output channels from a plain ``nn.Sequential`` chain (a smaller copy).
-
-    Supports Linear, Conv1d/2d/3d (groups=1), BatchNorm, Flatten and parameter-free layers between
-    them; the next weight layer loses the matching inputs. Masks from :func:`prune_channels` are
-    made permanent first; the function (outputs) is unchanged.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError("remove_channels handles plain nn.Sequential chains; keep the masked model otherwise")
-    model = copy_model(model)
-    for module in model:
-        for pname in ("weight", "bias"):
-            if hasattr(module, pname + "_orig"):
-                prune.remove(module, pname)
-    layers = list(model)
-    keep, flattened = None, False
-    for i, layer in enumerate(layers):
-        weighted = isinstance(layer, _WEIGHT_LAYERS)
-        if keep is not None:
-            if isinstance(layer, nn.Flatten):
-                flattened = True
-            elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                layers[i] = _take(layer, keep, ("weight", "bias", "running_mean", "running_var"), "num_features")
-            elif weighted:
-                layers[i] = _take_inputs(layer, keep, flattened)
-                keep = None
-            elif any(True for _ in layer.parameters()):
-                raise ValueError(f"remove_channels cannot pass channels through {type(layer).__name__}")
-        if weighted:
-            w = layers[i].weight.detach()
-            alive = w.reshape(w.shape[0], -1).abs().sum(1) > 0
-            if layers[i].bias is not None:
-                alive |= layers[i].bias.detach() != 0
-            if alive.any() and not alive.all():
-                out_attr = "out_features" if isinstance(layer, nn.Linear) else "out_channels"
-                layers[i] = _take(layers[i], alive, ("weight", "bias"), out_attr)
-                keep, flattened = alive, False
-    return nn.Sequential(*layers)
-
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _take(layer: nn.Module, keep: torch.Tensor, names: tuple[str, ...], size_attr: str) -> nn.Module:
-    """A copy of ``layer`` with the ``keep`` entries (dim 0) of the named parameters/buffers."""
-    new = copy.deepcopy(layer)
-    for name in names:
-        value = getattr(layer, name, None)
-        if value is None:
-            continue
-        kept = value.detach()[keep].clone()
-        setattr(new, name, nn.Parameter(kept) if isinstance(value, nn.Parameter) else kept)
-    setattr(new, size_attr, int(keep.sum()))
-    return new
-
-
-def _take_inputs(layer: nn.Module, keep: torch.Tensor, flattened: bool) -> nn.Module:
-    """A copy of a Linear/Conv layer without the inputs of removed channels (after Flatten: their features)."""
-    if getattr(layer, "groups", 1) != 1:
-        raise ValueError("remove_channels does not handle grouped convolutions")
-    span = layer.in_features // keep.numel() if flattened else 1
-    cols = keep.repeat_interleave(span)
-    new = copy.deepcopy(layer)
-    new.weight = nn.Parameter(layer.weight.detach()[:, cols].clone())
-    setattr(new, "in_features" if isinstance(layer, nn.Linear) else "in_channels", int(cols.sum()))
-    return new
-
-
-def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None, *,
+                   forward: ForwardFn | None = None) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``data`` (after pruning).
 
     Statistics are reset and accumulated as a cumulative average (momentum None) over the batches in
-    train mode, without gradients; the copy is returned in eval mode.
+    train mode, without gradients; the copy is returned in eval mode. Each batch goes through
+    ``forward(copy, batch)`` (its result is ignored), by default ``copy(inputs)`` of an
+    ``(inputs, targets)`` pair or of a batch of inputs.
     """
     model = copy_model(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -307,6 +234,9 @@ def recalibrate_bn(model: nn.Module, data: Any, max_batches: int | None = None) 
         for i, batch in enumerate(as_batches(data)):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(to_device(inputs, device))
+            batch = to_device(batch, device)
+            if forward is None:
+                model(inputs_of(batch))
+            else:
+                forward(model, batch)
     return model.eval()

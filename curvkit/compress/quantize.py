@@ -5,13 +5,16 @@ Q_b(W): per output channel c, scale_c = max|w_c| / (2^(b-1) - 1), round to neare
 choosing bits b_i per layer is sum_i Omega_{i, b_i} with Omega_{i,b} = tr(H_ii)/n_i ||Q_b(W_i) - W_i||^2;
 with one-hot x_{i,b} it is a linear program in integers, solved exactly by scipy.optimize.milp under
 budgets on total weight bits and on BOPs (sum_i MACs_i b_i b_act), and ties (equal bits in a group).
+"Exactly" at any scale of the table (mean eigenvalues of 1e-9 or 1e9, of either sign): the solver
+sees a normalised program whose coefficients are of the order of the optimal objective itself
+(see ``_optimal_choice``), and the assignment's budgets are verified in exact arithmetic.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -100,27 +103,77 @@ class MixedPrecision:
         return ax.figure
 
 
-def _solve(omega: np.ndarray, n: np.ndarray, macs: np.ndarray, bits: tuple[int, ...], max_weight_bits, max_bops,
-           ties: list[list[int]], activation_bits: int) -> np.ndarray | None:
-    """Optimal one-hot assignment (layers x bits) or None when infeasible."""
-    L, B = omega.shape
-    b = np.array(bits, dtype=float)
+class _Program(NamedTuple):
+    """The HAWQ-v3 integer program: Omega (layers x bits), sizes, MACs, bit widths, tied layer groups."""
+
+    omega: np.ndarray
+    n: np.ndarray
+    macs: np.ndarray
+    bits: tuple[int, ...]
+    ties: list[list[int]]
+    activation_bits: int
+
+    def loads(self, choice: np.ndarray) -> tuple[int, float]:
+        """Total weight bits and BOPs of an assignment (a bit-width index per layer)."""
+        chosen = np.array(self.bits)[choice]
+        return int((self.n * chosen).sum()), float((self.macs * chosen * self.activation_bits).sum())
+
+
+def _solve(program: _Program, cost: np.ndarray, allowed: np.ndarray, max_weight_bits: float | None,
+           max_bops: float | None) -> np.ndarray | None:
+    """The optimal one-hot assignment among the ``allowed`` options (layers x bits), None when infeasible.
+
+    The objective is divided by its largest allowed coefficient and each budget row by its budget, so
+    scipy.optimize.milp (HiGHS) sees coefficients of order one whatever the scale of the table.
+    """
+    L, B = cost.shape
+    b = np.array(program.bits, dtype=float)
     constraints = [LinearConstraint(np.kron(np.eye(L), np.ones(B)), 1, 1)]
-    if max_weight_bits is not None:
-        constraints.append(LinearConstraint((n[:, None] * b[None, :]).ravel()[None, :], -np.inf, max_weight_bits))
-    if max_bops is not None:
-        constraints.append(LinearConstraint((macs[:, None] * b[None, :] * activation_bits).ravel()[None, :],
-                                            -np.inf, max_bops))
-    for group in ties:
+    for per_bit, budget in ((program.n, max_weight_bits), (program.macs * program.activation_bits, max_bops)):
+        if budget is not None:
+            constraints.append(LinearConstraint((per_bit[:, None] * b[None, :]).ravel()[None, :] / budget, -np.inf, 1))
+    for group in program.ties:
         for i, j in zip(group[:-1], group[1:]):
             rows = np.zeros((B, L * B))
             rows[np.arange(B), i * B + np.arange(B)] = 1
             rows[np.arange(B), j * B + np.arange(B)] = -1
             constraints.append(LinearConstraint(rows, 0, 0))
-    res = milp(omega.ravel(), constraints=constraints, integrality=np.ones(L * B), bounds=Bounds(0, 1))
-    if res.status != 0 or res.x is None:
+    scale = np.abs(cost[allowed]).max()
+    res = milp((cost / scale if scale > 0 else cost).ravel(), constraints=constraints, integrality=np.ones(L * B),
+               bounds=Bounds(0, allowed.ravel().astype(float)), options={"mip_rel_gap": 0})
+    if res.status == 2:  # infeasible
         return None
+    if res.status != 0 or res.x is None:
+        raise RuntimeError(f"the mixed-precision integer program did not solve: {res.message}")
     return np.round(res.x).reshape(L, B).argmax(1)
+
+
+def _optimal_choice(program: _Program, max_weight_bits: float | None, max_bops: float | None) -> np.ndarray | None:
+    r"""The assignment minimising sum_i Omega_{i, b_i} under the budgets and ties (None if infeasible), at any scale.
+
+    A solver's tolerances are absolute, so on its own it cannot tell apart assignments whose objectives
+    differ by less than about 1e-7 of the largest coefficient. The objective is therefore posed as the
+    regret R = sum_i (Omega_{i,b_i} - min_b Omega_{i,b}) >= 0 (the same minimiser) and solved; an option
+    whose own regret exceeds the R just found cannot be in a better assignment, so it is excluded and the
+    program re-solved, re-normalised by the largest remaining coefficient, until no option is excluded:
+    the final coefficients are of the order of the optimal regret itself.
+    """
+    regret = program.omega - program.omega.min(1, keepdims=True)
+    allowed = np.ones(regret.shape, dtype=bool)
+    while True:
+        choice = _solve(program, regret, allowed, max_weight_bits, max_bops)
+        if choice is None:
+            return None
+        keep = regret <= regret[np.arange(len(choice)), choice].sum()
+        if (keep == allowed).all():
+            break
+        allowed = keep
+    weight_bits, bops = program.loads(choice)
+    for name, load, budget in (("max_weight_bits", weight_bits, max_weight_bits), ("max_bops", bops, max_bops)):
+        if budget is not None and load > budget:
+            raise RuntimeError(f"the integer program's assignment exceeds {name}={budget:.6g} by {load - budget:.6g} "
+                               f"(solver tolerance); pass a budget smaller by that much")
+    return choice
 
 
 def mixed_precision(model: nn.Module, sens: pd.DataFrame, bits: Any = (2, 4, 8), max_weight_bits: float | None = None,
@@ -147,51 +200,55 @@ def mixed_precision(model: nn.Module, sens: pd.DataFrame, bits: Any = (2, 4, 8),
     if max_bops is not None and "macs" not in sens.columns:
         raise ValueError("a BOPs budget needs the 'macs' column of sensitivity(granularity='layer')")
     names = list(sens["module"])
+    program = _program(model, sens, names, bits, ties or [], activation_bits)
+    choice = _optimal_choice(program, max_weight_bits, max_bops)
+    if choice is None:
+        lowest = float(program.n.sum() * bits[0])
+        raise ValueError(
+            f"no assignment of bits {bits} meets the budgets (max_weight_bits={max_weight_bits}, max_bops={max_bops}"
+            f"{', with ties' if ties else ''}); the smallest possible weight size is {lowest:.0f} bits "
+            f"and BOPs {float((program.macs * bits[0] * activation_bits).sum()):.4g}"
+        )
+    result = _assignment(names, program, choice)
+    if frontier:
+        result.frontier = _frontier(names, program, frontier, max_bops)
+    return result
+
+
+def _program(model: nn.Module, sens: pd.DataFrame, names: list[str], bits: tuple[int, ...], ties: list[list[str]],
+             activation_bits: int) -> _Program:
+    """The integer program of a sensitivity table: Omega_{i,b} = mean_eig_i ||Q_b(W_i) - W_i||^2, sizes, ties."""
     pert = perturbation(model, bits).loc[names]
     omega = sens["mean_eig"].to_numpy()[:, None] * pert.to_numpy()
-    n = sens["n_params"].to_numpy(dtype=float)
     macs = sens["macs"].to_numpy(dtype=float) if "macs" in sens.columns else np.zeros(len(names))
     index = {m: i for i, m in enumerate(names)}
     tie_idx = []
-    for group in ties or []:
+    for group in ties:
         unknown = [m for m in group if m not in index]
         if unknown:
             raise ValueError(f"ties name modules that are not in sens: {unknown}")
         tie_idx.append([index[m] for m in group])
-
-    def solve(weight_budget):
-        return _solve(omega, n, macs, bits, weight_budget, max_bops, tie_idx, activation_bits)
-
-    choice = solve(max_weight_bits)
-    if choice is None:
-        lowest = float(n.sum() * bits[0])
-        raise ValueError(
-            f"no assignment of bits {bits} meets the budgets (max_weight_bits={max_weight_bits}, max_bops={max_bops}"
-            f"{', with ties' if ties else ''}); the smallest possible weight size is {lowest:.0f} bits "
-            f"and BOPs {float((macs * bits[0] * activation_bits).sum()):.4g}"
-        )
-    result = _result(names, omega, n, macs, bits, choice, activation_bits)
-    if frontier:
-        budgets = np.linspace(n.sum() * bits[0], n.sum() * bits[-1], frontier)
-        rows = []
-        for budget in budgets:
-            c = solve(budget)
-            if c is not None:
-                r = _result(names, omega, n, macs, bits, c, activation_bits)
-                rows.append({"budget": budget, "weight_bits": r.weight_bits, "avg_bits": r.weight_bits / n.sum(),
-                             "objective": r.objective, "bops": r.bops, "bits": r.bits})
-        result.frontier = pd.DataFrame(rows)
-    return result
+    return _Program(omega, sens["n_params"].to_numpy(dtype=float), macs, bits, tie_idx, activation_bits)
 
 
-def _result(names, omega, n, macs, bits, choice, activation_bits) -> MixedPrecision:
-    chosen = np.array([bits[j] for j in choice])
-    table = pd.DataFrame({"module": names, "n_params": n.astype(int), "bits": chosen,
-                          "omega": omega[np.arange(len(names)), choice]})
-    return MixedPrecision(
-        bits=dict(zip(names, chosen.tolist())),
-        objective=float(table["omega"].sum()),
-        weight_bits=int((n * chosen).sum()),
-        bops=float((macs * chosen * activation_bits).sum()),
-        table=table,
-    )
+def _frontier(names: list[str], program: _Program, points: int, max_bops: float | None) -> pd.DataFrame:
+    """The optimal assignment for ``points`` weight budgets from all-lowest to all-highest bits (feasible ones)."""
+    total = program.n.sum()
+    rows = []
+    for budget in np.linspace(total * program.bits[0], total * program.bits[-1], points):
+        choice = _optimal_choice(program, budget, max_bops)
+        if choice is not None:
+            r = _assignment(names, program, choice)
+            rows.append({"budget": budget, "weight_bits": r.weight_bits, "avg_bits": r.weight_bits / total,
+                         "objective": r.objective, "bops": r.bops, "bits": r.bits})
+    return pd.DataFrame(rows)
+
+
+def _assignment(names: list[str], program: _Program, choice: np.ndarray) -> MixedPrecision:
+    """The MixedPrecision record of an assignment (a bit-width index per layer)."""
+    chosen = np.array(program.bits)[choice]
+    table = pd.DataFrame({"module": names, "n_params": program.n.astype(int), "bits": chosen,
+                          "omega": program.omega[np.arange(len(names)), choice]})
+    weight_bits, bops = program.loads(choice)
+    return MixedPrecision(bits=dict(zip(names, chosen.tolist())), objective=float(table["omega"].sum()),
+                          weight_bits=weight_bits, bops=bops, table=table)

@@ -14,21 +14,27 @@ import torch
 from torch import nn
 
 from .._utils.batches import as_batches, batch_size, to_device
+from .._utils.borrow import BorrowedLoss, ForwardFn, require_materialised
+from .._utils.layers import WEIGHT_LAYERS
 from .._utils.random import Seed
 from ..hessian import layerwise
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GRANULARITIES = ("layer", "channel")
 
 
 def weight_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
-    """Linear/Conv modules with a trainable weight (by name), and a note for every other module with parameters."""
+    """Linear/Conv modules with a trainable weight (by name), and a note for every other module with parameters.
+
+    Raises:
+        ValueError: the model is on the meta device, or has no trainable Linear/Conv layer.
+    """
+    require_materialised(model)
     layers, skipped = {}, []
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if isinstance(module, QUANTIZABLE) and "weight" in own:
+        if isinstance(module, WEIGHT_LAYERS) and "weight" in own:
             layers[name] = module
         else:
             skipped.append(f"{name or '<root>'} ({type(module).__name__}): not a Linear/Conv layer, skipped")
@@ -37,12 +43,17 @@ def weight_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
     return layers, skipped
 
 
-def count_macs(model: nn.Module, data: Any, layers: dict[str, nn.Module]) -> dict[str, float]:
-    """Multiply-accumulates per sample of each layer, recorded with forward hooks on the first batch."""
+def count_macs(model: nn.Module, loss_fn: Any, data: Any, layers: dict[str, nn.Module], *,
+               forward: ForwardFn | None = None) -> dict[str, float]:
+    """Multiply-accumulates per sample of each layer, recorded with forward hooks on the first batch.
+
+    The model is called as the engine calls it (:class:`~curvkit._utils.borrow.BorrowedLoss`:
+    ``forward(model, batch)``, by default ``loss_fn(model(inputs), targets)``, with running statistics
+    and private buffers, no mode changed), without gradients.
+    """
     macs: dict[str, float] = {}
     batch = next(iter(as_batches(data)))
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    samples = batch_size(inputs)
+    samples = batch_size(batch)
 
     def hook(name):
         def record(module, args, output):
@@ -50,15 +61,13 @@ def count_macs(model: nn.Module, data: Any, layers: dict[str, nn.Module]) -> dic
             macs[name] = output.numel() / samples * per_output
         return record
 
-    device = next(model.parameters()).device
+    device = next(iter(layers.values())).weight.device
+    borrowed = BorrowedLoss(model, loss_fn, [], forward=forward)
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
     try:
-        model.eval()
         with torch.no_grad():
-            model(to_device(inputs, device))
+            borrowed.evaluate([], to_device(batch, device))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return macs
@@ -73,7 +82,10 @@ def sensitivity(model: nn.Module, loss_fn: Any, data: Any, granularity: str = "l
     (= ||W||^2), macs`` (per sample). Channel rows: ``module, channel, n_params, trace, trace_stderr,
     weight_sq (= ||w_c||^2 incl. bias), hap (= trace / n_params * weight_sq)``. Traces are of the
     weight blocks only for layers, of weight[c] and bias[c] for channels. Other modules with parameters
-    are listed in ``df.attrs["skipped"]``.
+    are listed in ``df.attrs["skipped"]``. ``operator_kwargs`` go to :func:`~curvkit.hessian.layerwise`
+    (``operator``, ``forward``, ``bn_mode``, ``max_block``, ...); ``forward=lambda model, batch: loss`` is
+    also how the MACs are counted, so dict batches (Hugging Face models) work. The model is borrowed,
+    never changed (modes, parameters, buffers, ``.grad``).
 
     >>> sens = sensitivity(model, F.cross_entropy, (x, y), granularity="layer", seed=0)
     >>> sens.sort_values("mean_eig")
@@ -88,7 +100,7 @@ def sensitivity(model: nn.Module, loss_fn: Any, data: Any, granularity: str = "l
                        progress=progress, params=weights, **operator_kwargs)
         df["mean_eig"] = df["trace"] / df["n_params"]
         df["weight_sq"] = [float(layers[m].weight.detach().double().square().sum()) for m in df["module"]]
-        macs = count_macs(model, data, layers)
+        macs = count_macs(model, loss_fn, data, layers, forward=operator_kwargs.get("forward"))
         df["macs"] = [macs.get(m, 0.0) for m in df["module"]]
     else:
         params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None and p.requires_grad]

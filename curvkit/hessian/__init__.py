@@ -3,7 +3,8 @@
 Operators (:class:`HessianOperator`, :class:`GGNOperator`, :class:`PreconditionedOperator`, and the
 compositions ``H.shift(c)``, ``a * H``) know how to multiply; algorithms (:func:`eigenvalues`,
 :func:`trace`, :func:`diagonal`, :func:`density`, :func:`layerwise`) know what to do with products and
-run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors included.
+run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors included. :func:`check`
+compares a model operator's products with finite differences of first derivatives.
 
 .. code-block:: python
 
@@ -12,6 +13,7 @@ run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors
     eigenvalues(H, k=5).values, trace(H).ci95
 """
 
+from .check import check
 from .density import Spectrum, density
 from .diagonal import diagonal
 from .eigen import eigenvalues
@@ -24,7 +26,7 @@ from .layerwise import layerwise
 from .model import ModelOperator
 from .operator import AffineOperator, CurvatureOperator, DiagonalSandwich
 from .preconditioned import PreconditionedOperator
-from .results import DiagResult, EigResult, SolveResult, TraceResult
+from .results import CheckResult, DiagResult, EigResult, SolveResult, TraceResult
 from .solve import cg, steihaug
 from .trace import trace
 
@@ -32,6 +34,6 @@ __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
-    "InputHessianOperator",
-    "cg", "steihaug", "EigResult", "TraceResult", "DiagResult", "SolveResult", "Spectrum",
+    "InputHessianOperator", "cg", "steihaug", "check",
+    "EigResult", "TraceResult", "DiagResult", "SolveResult", "CheckResult", "Spectrum",
 ]

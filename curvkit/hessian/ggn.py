@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -11,7 +12,8 @@ from torch import nn
 
 from .. import kernels
 from .._utils.borrow import LossFn, require_scalar_loss
-from .model import ModelOperator, reraise_explained
+from .._utils.targets import check_class_targets
+from .model import ModelOperator, central_difference, dense, reraise_explained
 
 _OutputHessian = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,11 +29,13 @@ class _Linearisation(NamedTuple):
     hessian_out: _OutputHessian
 
 
-def _cross_entropy_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> float | None:
-    """1/B or 1 when ``loss_fn`` is a softmax cross-entropy whose output Hessian is diag(p) - p p^T per row.
+def _cross_entropy_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _OutputHessian | None:
+    """H_out when ``loss_fn`` is a softmax cross-entropy whose output Hessian is diag(p) - p p^T per kept row.
 
-    Label smoothing keeps that Hessian (each row's target weights still sum to 1); class weights,
-    ignored targets, soft or spatial targets do not, and take the generic route.
+    Rows whose target is ``ignore_index`` contribute nothing; the others are scaled by 1/(kept rows)
+    (mean) or 1 (sum). Label smoothing keeps that Hessian (each row's target weights still sum to 1);
+    class weights, soft or spatial targets do not, and take the generic route. The targets must have
+    been checked (:func:`~curvkit._utils.targets.check_class_targets`).
     """
     if loss_fn is F.cross_entropy:
         reduction, ignore_index = "mean", -100
@@ -42,9 +46,12 @@ def _cross_entropy_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -
     if not (isinstance(targets, torch.Tensor) and outputs.dim() == 2 and targets.dim() == 1
             and not targets.is_floating_point() and len(targets) == len(outputs)):
         return None
-    if bool((targets == ignore_index).any()):
-        return None
-    return 1.0 / len(outputs) if reduction == "mean" else 1.0
+    kept = targets != ignore_index
+    scale = 1.0 / int(kept.sum()) if reduction == "mean" else 1.0
+    if bool(kept.all()):  # one fused pass per product where curvkit's kernels are built
+        return lambda u: kernels.softmax_ce_hessian_product(outputs, u, scale)
+    mask = kept[:, None].to(outputs.dtype)  # a zero row of u gives a zero row of the product
+    return lambda u: kernels.softmax_ce_hessian_product(outputs, u * mask, scale)
 
 
 def _mse_scale(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> float | None:
@@ -64,14 +71,15 @@ def _output_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _Ou
     r"""``u -> H_out u`` with H_out = d^2 loss_fn(z, targets) / dz^2 at z = ``outputs`` (None if H_out = 0).
 
     Closed forms: softmax cross-entropy, H_out u = s (p * u - p (p . u)) per row with p = softmax(z)
-    and s = 1/B (mean) or 1 (sum), by :func:`curvkit.kernels.softmax_ce_hessian_product`; squared error,
+    and s = 1/B (mean) or 1 (sum), by :func:`curvkit.kernels.softmax_ce_hessian_product` (rows whose
+    target is ignore_index are zero, and B counts the others); squared error,
     H_out u = 2 u / numel (mean) or 2 u (sum).
     Any other loss: double backward of ``loss_fn`` w.r.t. its (detached) outputs, graph built once.
     """
     z = outputs.detach()
-    scale = _cross_entropy_scale(loss_fn, z, targets)
-    if scale is not None:  # one fused pass per product where curvkit's kernels are built
-        return lambda u: kernels.softmax_ce_hessian_product(z, u, scale)
+    closed_form = _cross_entropy_hessian(loss_fn, z, targets)
+    if closed_form is not None:
+        return closed_form
     scale = _mse_scale(loss_fn, z, targets)
     if scale is not None:
         return lambda u: scale * u
@@ -104,6 +112,12 @@ class GGNOperator(ModelOperator):
     count; ``loss_fn(outputs, targets)`` must return a scalar. Data loop, BatchNorm modes, ``max_block``
     and torch.distributed behave as in :class:`HessianOperator`. The model is never mutated.
 
+    ``check=True`` (:func:`~curvkit.hessian.check`) compares the products with the GGN built from first
+    derivatives only, not with the Hessian (which the GGN is not): J v as a central difference of the
+    outputs, :math:`H_{\mathrm{out}} (J v)` as one of the loss gradient w.r.t. the outputs, then a plain
+    vector-Jacobian product. It catches a model backward that is not differentiable w.r.t. its incoming
+    gradient (the double-vjp J v needs that) and a ``loss_fn`` with a wrong double backward.
+
     >>> G = GGNOperator(model, F.cross_entropy, (x, y))
     >>> Gv = G @ torch.randn(G.shape[0])
     >>> top = eigenvalues(G, k=5)
@@ -111,20 +125,15 @@ class GGNOperator(ModelOperator):
 
     ACCEPTS_FORWARD = False
 
+    CHECK_HINT = ("the model's backward is not differentiable w.r.t. its incoming gradient, or loss_fn is not "
+                  "correctly twice differentiable in the outputs")
+
     def _prepare(self, batch: Any) -> _Linearisation | None:
         """The outputs' graph on private leaves, J^T u for a dual variable u, and H_out (None if G_b = 0)."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"GGNOperator needs batches (inputs, targets), got {type(batch).__name__}; "
-                            "pass a DataLoader or a list of (inputs, targets) pairs")
-        inputs, targets = batch
+        inputs, targets = self._pair(batch)
         leaves = [p.detach().requires_grad_() for p in self.params]
-        outputs = self._loss.evaluate(leaves, inputs)
-        if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
-            kind = outputs.dtype if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-            raise TypeError(f"the model must return a floating-point tensor of outputs, got {kind}; "
-                            "wrap the model so that it returns the tensor loss_fn takes")
-        if not torch.isfinite(outputs.detach()).all():
-            raise FloatingPointError("the model's outputs are not finite on a batch; check the data and the model")
+        outputs = self._outputs(leaves, inputs)
+        check_class_targets(self.loss_fn, outputs, targets)
         if not outputs.requires_grad:
             return None
         hessian_out = _output_hessian(self.loss_fn, outputs, targets)
@@ -134,6 +143,65 @@ class GGNOperator(ModelOperator):
         grads = torch.autograd.grad(outputs, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None]
         return _Linearisation(leaves, live, outputs, u, [grads[i] for i in live], hessian_out)
+
+    @staticmethod
+    def _pair(batch: Any) -> tuple[Any, Any]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"GGNOperator needs batches (inputs, targets), got {type(batch).__name__}; "
+                            "pass a DataLoader or a list of (inputs, targets) pairs")
+        return batch[0], batch[1]
+
+    def _outputs(self, leaves: list[torch.Tensor], inputs: Any) -> torch.Tensor:
+        """The model's outputs with the selected parameters replaced by ``leaves``, checked floating and finite."""
+        outputs = self._loss.evaluate(leaves, inputs)
+        if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
+            kind = outputs.dtype if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise TypeError(f"the model must return a floating-point tensor of outputs, got {kind}; "
+                            "wrap the model so that it returns the tensor loss_fn takes")
+        if not torch.isfinite(outputs.detach()).all():
+            raise FloatingPointError("the model's outputs are not finite on a batch; check the data and the model")
+        return outputs
+
+    def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
+                              ) -> torch.Tensor:
+        r"""J^T H_out J v from first derivatives: J v and H_out (J v) by central differences, then one backward.
+
+        J v is the central difference of the outputs along v (step as in :meth:`finite_differences`);
+        H_out (J v) that of the loss gradient w.r.t. the outputs z along J v, with step
+        rel_step max(1, ||z||) / ||J v||; J^T is a plain vector-Jacobian product.
+        """
+        inputs, targets = self._pair(batch)
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        outputs = self._outputs(leaves, inputs)
+        check_class_targets(self.loss_fn, outputs, targets)
+        z = outputs.detach()
+        z_norm = float(torch.linalg.vector_norm(z.double()))
+        out = []
+        for v in rows:
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0 or not outputs.requires_grad:
+                out.append(torch.zeros_like(v))
+                continue
+            jv = central_difference(functools.partial(self._shifted_outputs, inputs, self.split(v)), theta_norm,
+                                    norm, rel_step)
+            jv_norm = float(torch.linalg.vector_norm(jv.double()))
+            if jv_norm == 0:
+                out.append(torch.zeros_like(v))
+                continue
+            w = central_difference(functools.partial(self._output_gradient, z, targets, jv), z_norm, jv_norm, rel_step)
+            grads = torch.autograd.grad(outputs, leaves, w, retain_graph=True, allow_unused=True)
+            out.append(self._flat(grads, v))
+        return torch.stack(out)
+
+    def _shifted_outputs(self, inputs: Any, pieces: list[torch.Tensor], t: float) -> torch.Tensor:
+        with torch.no_grad():
+            return self._outputs(self._shifted(pieces, t), inputs)
+
+    def _output_gradient(self, z: torch.Tensor, targets: Any, direction: torch.Tensor, t: float) -> torch.Tensor:
+        """The gradient of ``loss_fn`` w.r.t. the outputs at ``z + t direction``."""
+        shifted = (z + t * direction.to(z.dtype)).requires_grad_()
+        loss = require_scalar_loss(self.loss_fn(shifted, targets), "loss_fn(outputs, targets)")
+        return torch.autograd.grad(loss, shifted)[0] if loss.requires_grad else torch.zeros_like(shifted)
 
     def _products(self, state: _Linearisation | None, rows: torch.Tensor) -> torch.Tensor | None:
         if state is None or not state.live:
@@ -152,5 +220,5 @@ class GGNOperator(ModelOperator):
         out = v.new_zeros(v.shape[0])
         blocks = torch.split(out, self.sizes)
         for i, g in zip(state.live, jtw):
-            blocks[i].copy_(g.reshape(-1))
+            blocks[i].copy_(dense(g).reshape(-1))
         return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import torch
 
 from .._utils.batches import empty_data_error
-from .model import ModelOperator, reraise_explained
+from .model import ModelOperator, central_difference, dense, reraise_explained
 
 
 class _GradientGraph(NamedTuple):
@@ -28,7 +29,8 @@ class HessianOperator(ModelOperator):
     batches are weighted by their sample count. On one batch the gradient graph is built once and
     reused for every product; on a dataset each batch's graph serves a whole block of products.
     Under torch.distributed (``distributed=None`` detects it) each rank holds a shard of the data.
-    The model is never mutated.
+    The model is never mutated. Its reference for :func:`~curvkit.hessian.check` (``finite_differences``)
+    is the central difference of the loss gradient g, :math:`(g(\theta + s v) - g(\theta - s v)) / 2s`.
 
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
@@ -67,6 +69,22 @@ class HessianOperator(ModelOperator):
             raise empty_data_error()
         return total / count
 
+    def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
+                              ) -> torch.Tensor:
+        out = []
+        for v in rows:
+            norm = float(torch.linalg.vector_norm(v))
+            gradient = functools.partial(self._gradient, batch, self.split(v))
+            out.append(central_difference(gradient, theta_norm, norm, rel_step) if norm > 0 else torch.zeros_like(v))
+        return torch.stack(out)
+
+    def _gradient(self, batch: Any, pieces: list[torch.Tensor], t: float) -> torch.Tensor:
+        """The flat loss gradient on ``batch`` at the parameters plus ``t`` times ``pieces``."""
+        leaves = self._shifted(pieces, t)
+        loss = self._loss(leaves, batch)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+        return self._flat(grads, pieces[0])
+
     def _products(self, state: _GradientGraph, rows: torch.Tensor) -> torch.Tensor | None:
         """All rows in one batched double backward (vmap) when the model allows it, else one at a time."""
         leaves, live, grads, _ = state
@@ -83,7 +101,7 @@ class HessianOperator(ModelOperator):
         except RuntimeError:
             self._batched_ok = False  # an op without a batching rule: products one at a time from now on
             return self._products(state, rows)
-        return torch.cat([(h.reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
+        return torch.cat([(dense(h).reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
                           for h, p in zip(hv, self.params)], 1)
 
     def _chunks(self, v: torch.Tensor, grads, live) -> list[torch.Tensor]:
@@ -91,10 +109,6 @@ class HessianOperator(ModelOperator):
         chunks = torch.split(v, self.sizes)
         return [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
                 for g, i in zip(grads, live)]
-
-    def _flat(self, hv, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([h.reshape(-1) if h is not None else like.new_zeros(p.numel())
-                          for h, p in zip(hv, self.params)])
 
     @staticmethod
     def _vjp(grads, leaves, vs, batched: bool = False):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .._utils.borrow import BN_MODES, BorrowedLoss, LossFn
+from .._utils.targets import check_class_targets
 from .model import reraise_explained
 
 
@@ -94,6 +95,7 @@ class InputHessianOperator:
         borrowed = BorrowedLoss(model, None, [n for n, _ in named], bn_mode=bn_mode, forward=lambda m, x: m(x))
         self._x = inputs.detach().requires_grad_()
         outputs = borrowed.evaluate([p.detach() for _, p in named], self._x)
+        check_class_targets(fn, outputs, targets)
         values = _example_losses(fn, outputs, targets)
         (grad,) = torch.autograd.grad(values.sum(), self._x, create_graph=True, allow_unused=True)
         self._grad = grad if grad is not None and grad.requires_grad else None  # None: H = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 from abc import abstractmethod
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from .._utils.batches import as_batches, batch_size, empty_data_error, to_device
 from .._utils.borrow import BorrowedLoss, ForwardFn, LossFn, ParamSpec, select_parameters
+from .check import check as run_check
 from .operator import CurvatureOperator
 
 _DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
@@ -36,6 +38,21 @@ def _model_outputs(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a strided tensor: the gradients of ``nn.Embedding(sparse=True)`` weights are sparse."""
+    return t if t.layout == torch.strided else t.to_dense()
+
+
+def central_difference(f: Callable[[float], torch.Tensor], x_norm: float, d_norm: float, rel_step: float
+                       ) -> torch.Tensor:
+    """``(f(s) - f(-s)) / (2 s)``: the derivative at 0 of ``f(t) = F(x + t d)``, ``s = rel_step max(1, ||x||) / ||d||``.
+
+    The step moves x by ``rel_step`` relative to its norm (absolute for ||x|| < 1); ``d`` must be non-zero.
+    """
+    s = rel_step * max(1.0, x_norm) / d_norm
+    return (f(s) - f(-s)) / (2 * s)
+
+
 class ModelOperator(CurvatureOperator):
     r"""An operator of a model's data-averaged loss: H = sum_b (n_b / N) H_b over batches b.
 
@@ -46,7 +63,9 @@ class ModelOperator(CurvatureOperator):
     all-reduced once (sample-count weighted). Subclasses define ``_prepare(batch)`` and
     ``_products(state, rows)``; those that need the model's outputs rather than a loss set
     ``ACCEPTS_FORWARD = False`` (their borrowed call then returns the outputs, and ``loss_fn`` is
-    applied by the subclass).
+    applied by the subclass). ``_difference_quotients(batch, rows, rel_step, theta_norm)`` gives the
+    first-derivative reference of :meth:`finite_differences` (and so of ``check``), and ``CHECK_HINT``
+    says what a failed check means.
 
     Args:
         model: the model, borrowed (never mutated).
@@ -58,18 +77,25 @@ class ModelOperator(CurvatureOperator):
         max_block: the largest block of products computed in one pass over a batch.
         distributed: all-reduce over torch.distributed ranks (None: when a process group is initialised).
         timeout: seconds an all-reduce may take before a dead or hung rank is reported.
+        check: compare the products with finite differences of first derivatives once, at construction
+            (:func:`~curvkit.hessian.check`, seed 0; its products count in ``matvecs``).
 
     Raises:
         TypeError: ``forward=`` given to an operator that does not accept it, or a bad loss/data type.
-        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, or active Dropout in the model.
+        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, active Dropout in the model, or a model on
+            the meta device (materialise it with ``to_empty`` and ``load_state_dict``); on a
+            batch, a class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
+            ``ignore_index``.
         RuntimeError: ``distributed=True`` without an initialised process group.
+        FloatingPointError: ``check=True`` and the products disagree with finite differences.
     """
 
     ACCEPTS_FORWARD = True
+    CHECK_HINT = "an operation in the model or loss_fn is not correctly twice differentiable"
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
                  forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 16,
-                 distributed: bool | None = None, timeout: float = 300.0):
+                 distributed: bool | None = None, timeout: float = 300.0, check: bool = False):
         if not self.ACCEPTS_FORWARD:
             if forward is not None:
                 raise TypeError(
@@ -96,6 +122,19 @@ class ModelOperator(CurvatureOperator):
         self._single = isinstance(self._batches, list) and len(self._batches) == 1
         self._cached: Any = None
         self._batched_ok = True
+        if check:
+            self._require_exact_products()
+
+    def _require_exact_products(self) -> None:
+        """Run :func:`~curvkit.hessian.check` once and raise if the products disagree with finite differences."""
+        result = run_check(self, seed=0)
+        if not result.ok:
+            raise FloatingPointError(
+                f"{type(self).__name__} products differ from finite differences of first derivatives by "
+                f"{result.rel_error:.2g} relative (tolerance {result.tol:.2g}): {self.CHECK_HINT} (e.g. a custom "
+                "autograd.Function whose backward is @once_differentiable, or treats a saved tensor as a constant). "
+                "Give it a differentiable backward, or restrict params= to parameters after it."
+            )
 
     @property
     def single_batch(self) -> bool:
@@ -109,6 +148,66 @@ class ModelOperator(CurvatureOperator):
     @abstractmethod
     def _products(self, state: Any, rows: torch.Tensor) -> torch.Tensor | None:
         """Products with the rows of ``rows`` (k, n) on one batch, as (k, n) (None if identically zero)."""
+
+    def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
+                              ) -> torch.Tensor:
+        """Central-difference approximations of the products with ``rows`` (k, n) on one batch, as (k, n)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _difference_quotients, so it cannot be "
+                                  "checked against finite differences; define it (see HessianOperator)")
+
+    def finite_differences(self, V: torch.Tensor, rel_step: float) -> torch.Tensor:
+        r"""Approximations of the products with the columns of ``V`` from first derivatives only.
+
+        Each is a central difference (:func:`central_difference`) along the column from the parameters
+        :math:`\theta` with step :math:`s = \mathrm{rel\_step} \max(1, \lVert\theta\rVert) / \lVert v \rVert`;
+        what is differenced depends on the operator (the loss gradient for :class:`HessianOperator`; the
+        outputs, then the loss gradient w.r.t. them, for :class:`GGNOperator`). The error is :math:`O(s^2)`
+        from truncation plus :math:`O(\epsilon / s)` from rounding.
+        Averaged over the data (and ranks) like the products; the reference of :func:`~curvkit.hessian.check`.
+        The padding rows of embeddings (``padding_idx``), which get no gradient and so no curvature in the
+        products, are left out of the directions.
+
+        Args:
+            V: an ``(n, k)`` block of directions.
+            rel_step: the relative step; :math:`\epsilon^{1/3}` balances truncation and rounding errors.
+
+        Returns:
+            The ``(n, k)`` float64 approximations of ``H @ V``.
+        """
+        n = self.shape[0]
+        if V.dim() != 2 or V.shape[0] != n:
+            raise ValueError(f"V must have shape ({n}, k), got {tuple(V.shape)}")
+        rows = self._without_padding_rows(V.T.to(device=self.device, dtype=self.dtype))
+        theta_norm = float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1).double() for p in self.params])))
+        quotients = ((batch_size(batch), self._difference_quotients(to_device(batch, self.device), rows, rel_step,
+                                                                    theta_norm))
+                     for batch in self._batches)
+        return self._weighted_mean(rows.shape, quotients).T
+
+    def _without_padding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (k, n) with the coordinates of embedding padding rows zeroed.
+
+        autograd gives the ``padding_idx`` row of an ``nn.Embedding``/``nn.EmbeddingBag`` no gradient, so
+        the products treat it as frozen (its rows and columns of H are zero); a finite difference that
+        moved it would measure curvature the products leave out on purpose.
+        """
+        starts = dict(zip(map(id, self.params), self.offsets))
+        rows = rows.clone()
+        for module in self.model.modules():
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None \
+                    and id(module.weight) in starts:
+                start = starts[id(module.weight)] + module.padding_idx * module.embedding_dim
+                rows[:, start:start + module.embedding_dim] = 0
+        return rows
+
+    def _flat(self, tensors: Any, like: torch.Tensor) -> torch.Tensor:
+        """One flat vector from tensors shaped like ``self.params`` (None: a zero block), in ``like``'s dtype."""
+        return torch.cat([dense(t).reshape(-1).to(like.dtype) if t is not None else like.new_zeros(p.numel())
+                          for t, p in zip(tensors, self.params)])
+
+    def _shifted(self, pieces: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+        """Private leaves at the parameters plus ``t`` times ``pieces`` (a direction split like ``self.params``)."""
+        return [(p.detach() + t * c.to(p.dtype)).requires_grad_() for p, c in zip(self.params, pieces)]
 
     def _single_state(self) -> Any:
         """The state of the only batch, built on first use and cached."""
@@ -141,11 +240,15 @@ class ModelOperator(CurvatureOperator):
 
     def _block(self, rows: torch.Tensor) -> torch.Tensor:
         """Sample-weighted mean over batches (and ranks) of the products with ``rows`` (k, n)."""
-        out = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
+        return self._weighted_mean(rows.shape, ((weight, self._products(state, rows))
+                                                for weight, state in self._states()))
+
+    def _weighted_mean(self, shape: torch.Size, weighted: Iterable[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        """The sample-weighted mean over batches (and ranks) of ``(n_b, block_b)`` pairs (None: a zero block)."""
+        out = torch.zeros(shape, dtype=torch.float64, device=self.device)
         total = 0
-        for weight, state in self._states():
+        for weight, block in weighted:
             total += weight
-            block = self._products(state, rows)
             if block is None:
                 continue
             if self._single and not self.distributed:

@@ -90,3 +90,22 @@ class SolveResult:
         return (f"SolveResult(x={_short(self.x)}, residual={_short(self.residual)}, "
                 f"iterations={_short(self.iterations)}, negative_curvature={_flags(self.negative_curvature)}, "
                 f"converged={_flags(self.converged)})")
+
+
+@dataclass(repr=False)
+class CheckResult:
+    """Products against finite differences of first derivatives (:func:`~curvkit.hessian.check`).
+
+    ``rel_error`` is the largest relative difference over ``probes`` random unit probes, ``ok`` says
+    whether it is at most ``tol``; ``step`` is the relative step of the central differences.
+    """
+
+    rel_error: float
+    tol: float
+    ok: bool
+    probes: int
+    step: float
+
+    def __repr__(self) -> str:
+        return (f"CheckResult(rel_error={self.rel_error:.3g}, tol={self.tol:.3g}, ok={self.ok}, "
+                f"probes={self.probes}, step={self.step:.3g})")

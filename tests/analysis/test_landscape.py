@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from curvkit.analysis import direction_to, eigen_direction, landscape_1d, landscape_2d, random_direction
 from curvkit.hessian import HessianOperator, eigenvalues
-from tests._models import hessian_case
+from tests._models import dict_twins, hessian_case, loss_of_dict_batch
 
 
 def _loss_at(model, data, directions, coeffs):
@@ -93,6 +94,18 @@ def test_interpolation_between_two_weight_sets():
     assert line.loss[0] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-10)
 
 
+def test_forward_hook_takes_dict_batches():
+    net, pairs, wrapped, dicts = dict_twins()
+    d1, d2 = random_direction(net, seed=0), random_direction(net, seed=1)
+    want = landscape_2d(net, F.cross_entropy, pairs, d1, d2, steps=3, progress=False)
+    d1, d2 = ({"net." + n: t for n, t in d.items()} for d in (d1, d2))
+    got = landscape_2d(wrapped, None, dicts, d1, d2, steps=3, forward=loss_of_dict_batch, progress=False)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
+    x, y = (torch.cat(t) for t in zip(*pairs))
+    with torch.no_grad():
+        assert got.loss[1, 1] == pytest.approx(float(F.cross_entropy(net(x), y)), rel=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["contour", "surface", "heatmap"])
 def test_figures_are_written(tmp_path, kind):
     model, data, _ = hessian_case("tanh_mlp")
@@ -102,3 +115,11 @@ def test_figures_are_written(tmp_path, kind):
     assert (tmp_path / f"{kind}.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="steps"):
         landscape_2d(model, F.cross_entropy, data, random_direction(model), random_direction(model), steps=1)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 2))
+    d = {n: torch.ones(p.shape) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
+        landscape_1d(model, F.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), d, steps=3)

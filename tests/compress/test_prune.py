@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from curvkit.compress import (
     sensitivity,
 )
 from curvkit.datasets import load_digits_tensors
-from tests._models import hessian_case
+from curvkit.hessian import GGNOperator
+from tests._models import dense_ggn, dense_hessian, dict_twins, hessian_case, loss_of_dict_batch, make_model
 
 
 @functools.cache
@@ -68,6 +70,28 @@ def test_channel_traces_match_exact_blocks_in_rank():
     assert spearmanr(sens["trace"], exact).statistic >= 0.9
     assert sens.attrs["skipped"] == ["1 (BatchNorm2d): not a Linear/Conv layer, skipped"]
     np.testing.assert_allclose(sens["hap"], sens["trace"] / sens["n_params"] * sens["weight_sq"])
+
+
+@pytest.mark.parametrize("operator, dense", [("hessian", dense_hessian), ("ggn", dense_ggn), (GGNOperator, dense_ggn)],
+                         ids=["hessian", "ggn", "factory"])
+def test_quadratic_scores_are_exact_for_the_chosen_operator(operator, dense):
+    model, x, y = make_model("conv_bn")
+    loader = [(x[:7], y[:7]), (x[7:], y[7:])]
+    scores = channel_scores(model, F.cross_entropy, loader, method="quadratic", operator=operator, max_block=4)
+    D = dense(model, F.cross_entropy, loader)
+    names = [n for n, _ in model.named_parameters()]
+    offsets = np.cumsum([0] + [p.numel() for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    exact = []
+    for module, c in zip(scores["module"], scores["channel"]):
+        w, b = names.index(f"{module}.weight"), names.index(f"{module}.bias")
+        per = model.get_submodule(module).weight[0].numel()
+        idx = torch.cat([torch.arange(offsets[w] + c * per, offsets[w] + (c + 1) * per),
+                         torch.tensor([offsets[b] + c])])
+        w_c = theta[idx]
+        exact.append(float(w_c @ D[idx][:, idx] @ w_c))
+    assert len(exact) == 3 + 3
+    np.testing.assert_allclose(scores["score"], exact, rtol=1e-9)
 
 
 def _single_channel_damage(model, data, layer):
@@ -146,6 +170,32 @@ def test_mixed_precision_beats_uniform_4_bit_at_the_same_size():
     assert _accuracy(quantize(model, res.bits), test) >= _accuracy(quantize(model, uniform), test)
 
 
+@pytest.mark.parametrize("method", ["hessian", "quadratic", "l2"])
+def test_scores_and_pruning_take_the_forward_hook(method):
+    net, pairs, wrapped, dicts = dict_twins()
+    kwargs = dict(method=method, max_matvecs=60, progress=False) if method != "l2" else dict(method=method)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "layerwise", RuntimeWarning)
+        want = channel_scores(net, F.cross_entropy, pairs, **kwargs)
+        got = channel_scores(wrapped, None, dicts, forward=loss_of_dict_batch, **kwargs)
+        pruned = prune_channels(wrapped, None, dicts, amount=0.4, forward=loss_of_dict_batch, **kwargs)
+    assert list(got["module"]) == ["net." + m for m in want["module"]]
+    np.testing.assert_allclose(got["score"], want["score"], rtol=1e-10)
+    table = pruned.pruning_table
+    assert table[table["module"] == "net.5"]["pruned"].sum() == 0 and table["pruned"].sum() == round(0.4 * 10)
+
+
+def test_bn_recalibration_takes_the_forward_hook():
+    net, pairs, wrapped, dicts = dict_twins()
+    want = recalibrate_bn(net, pairs)
+    got = recalibrate_bn(wrapped, dicts, forward=lambda model, batch: model(**batch))
+    torch.testing.assert_close(got.net[1].running_mean, want[1].running_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.net[1].running_var, want[1].running_var, rtol=1e-12, atol=0)
+    with torch.no_grad():  # momentum None: the running mean is the mean of the batch means
+        torch.testing.assert_close(want[1].running_mean, torch.stack([net[0](b[0]).mean(0) for b in pairs]).mean(0))
+    assert not torch.equal(want[1].running_mean, net[1].running_mean)
+
+
 def test_bad_pruning_arguments():
     model, data, _ = _trained("mlp")
     with pytest.raises(ValueError, match="amount"):
@@ -156,3 +206,14 @@ def test_bad_pruning_arguments():
         prune_channels(model, F.cross_entropy, data, method="l2", classifier="1")
     with pytest.raises(TypeError, match="Sequential"):
         remove_channels(nn.Linear(2, 2).__class__.__mro__[0](2, 2))
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    for call in (lambda: sensitivity(model, F.cross_entropy, data),
+                 lambda: channel_scores(model, F.cross_entropy, data, method="l2"),
+                 lambda: quantize(model, {"0": 4})):
+        with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
+            call()

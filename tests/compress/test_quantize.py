@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -35,51 +37,58 @@ def test_quantize_returns_a_copy():
         quantize(model, {"1": 4})
 
 
-def _instance(seed):
+def _instance(seed, scale=10.0, signed=False, size_scale=1):
+    """A model and a layer sensitivity table with mean_eig of order ``scale`` (of both signs if ``signed``)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
                           nn.Linear(5, 3))
     names = ["0", "2", "4", "6"]
-    sizes = [m.weight.numel() for m in model if isinstance(m, nn.Linear)]
-    sens = pd.DataFrame({"module": names, "n_params": sizes,
-                         "mean_eig": torch.rand(4, generator=g).double().numpy() * 10,
-                         "macs": np.array(sizes, dtype=float)})
+    sizes = np.array([m.weight.numel() for m in model if isinstance(m, nn.Linear)]) * size_scale
+    eig = torch.randn(4, generator=g) if signed else torch.rand(4, generator=g)
+    sens = pd.DataFrame({"module": names, "n_params": sizes, "mean_eig": eig.double().numpy() * scale,
+                         "macs": sizes.astype(float) * 3})
     return model, sens
 
 
 def _brute_force(model, sens, bits, max_weight_bits=None, max_bops=None, ties=(), activation_bits=8):
+    """The minimum objective over every assignment that meets the budgets and ties, by enumeration."""
     pert = perturbation(model, bits).loc[list(sens["module"])].to_numpy()
     omega = sens["mean_eig"].to_numpy()[:, None] * pert
     n, macs = sens["n_params"].to_numpy(), sens["macs"].to_numpy()
-    best = None
-    for choice in itertools.product(range(len(bits)), repeat=len(sens)):
-        b = np.array([bits[j] for j in choice])
-        if max_weight_bits is not None and (n * b).sum() > max_weight_bits:
-            continue
-        if max_bops is not None and (macs * b * activation_bits).sum() > max_bops:
-            continue
-        if any(len({choice[i] for i in group}) > 1 for group in ties):
-            continue
-        value = omega[np.arange(len(sens)), list(choice)].sum()
-        if best is None or value < best[0] - 1e-12:
-            best = (value, b)
-    return best
+    choices = np.array(list(itertools.product(range(len(bits)), repeat=len(sens))))
+    chosen = np.array(bits)[choices]
+    feasible = np.ones(len(choices), dtype=bool)
+    if max_weight_bits is not None:
+        feasible &= (chosen * n).sum(1) <= max_weight_bits
+    if max_bops is not None:
+        feasible &= (chosen * macs * activation_bits).sum(1) <= max_bops
+    for group in ties:
+        feasible &= (choices[:, group] == choices[:, group[:1]]).all(1)
+    values = omega[np.arange(len(sens)), choices].sum(1)
+    return values[feasible].min()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_ilp_equals_brute_force_with_budgets_and_ties(seed):
-    model, sens = _instance(seed)
+@pytest.mark.parametrize("scale, signed, size_scale", [
+    (10.0, False, 1),
+    (1e-9, False, 1),
+    (4e-5, True, 1),  # a small BERT's table: tiny mean eigenvalues, some negative
+    (1e9, True, 1),
+    (1e-9, True, 10**7),  # tiny objective, huge budgets
+], ids=["unit", "tiny", "tiny_signed", "huge_signed", "tiny_with_huge_budgets"])
+@pytest.mark.parametrize("seed", range(3))
+def test_ilp_equals_brute_force_with_budgets_and_ties(seed, scale, signed, size_scale):
+    model, sens = _instance(seed, scale, signed, size_scale)
     bits = (2, 3, 4, 8)
-    n = sens["n_params"].sum()
-    cases = [dict(max_weight_bits=3.5 * n), dict(max_bops=4 * 8 * sens["macs"].sum()),
-             dict(max_weight_bits=5 * n, ties=[["0", "4"]]), dict()]
+    n, bops = sens["n_params"].sum(), 8 * sens["macs"].sum()
+    cases = [dict(max_weight_bits=3.5 * n), dict(max_bops=4 * bops), dict(max_weight_bits=5 * n, ties=[["0", "4"]]),
+             dict(max_weight_bits=4 * n, max_bops=3 * bops, ties=[["2", "4", "6"]]), dict()]
     for case in cases:
         ties = case.pop("ties", None)
         res = mixed_precision(model, sens, bits, ties=ties, **case)
         tie_idx = [[list(sens["module"]).index(m) for m in g] for g in (ties or [])]
-        value, best_bits = _brute_force(model, sens, bits, ties=tie_idx, **case)
-        assert res.objective == pytest.approx(value, rel=1e-9)
+        best = _brute_force(model, sens, bits, ties=tie_idx, **case)
+        assert res.objective == pytest.approx(best, rel=1e-9, abs=0), (case, res)
         if "max_weight_bits" in case:
             assert res.weight_bits <= case["max_weight_bits"]
         if "max_bops" in case:
@@ -100,6 +109,19 @@ def test_infeasible_budgets_and_bad_input_raise():
         mixed_precision(model, sens, ties=[["0", "nope"]])
     with pytest.raises(ValueError, match="macs"):
         mixed_precision(model, sens.drop(columns="macs"), max_bops=1e6)
+
+
+def test_solver_results_are_verified(monkeypatch):
+    model, sens = _instance(0)
+    solver = importlib.import_module("curvkit.compress.quantize")
+    all_eight_bits = SimpleNamespace(status=0, x=np.tile([0.0, 0.0, 0.0, 1.0], 4), message="Optimal")
+    monkeypatch.setattr(solver, "milp", lambda *args, **kwargs: all_eight_bits)
+    with pytest.raises(RuntimeError, match="exceeds max_weight_bits"):
+        mixed_precision(model, sens, (2, 3, 4, 8), max_weight_bits=3 * sens["n_params"].sum())
+    stopped = SimpleNamespace(status=1, x=None, message="Time limit reached")
+    monkeypatch.setattr(solver, "milp", lambda *args, **kwargs: stopped)
+    with pytest.raises(RuntimeError, match="did not solve: Time limit reached"):
+        mixed_precision(model, sens, (2, 3, 4, 8))
 
 
 def test_frontier_is_monotone_and_plots(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import GGNOperator, HessianOperator, eigenvalues
-from tests._models import MODEL_KINDS, dense_ggn, dense_hessian, make_model
+from tests._models import MODEL_KINDS, dense_ggn, dense_hessian, make_model, token_bag_twins
 
 
 def _check(G, D):
@@ -50,6 +50,50 @@ def test_cross_entropy_variants_match_dense_ggn(loss_fn):
 def test_regression_losses_match_dense_ggn(loss_fn):
     model, x, y = _regression()
     _check(GGNOperator(model, loss_fn, (x, y)), dense_ggn(model, loss_fn, [(x, y)]))
+
+
+@pytest.mark.parametrize("loss_fn, ignore", [
+    (F.cross_entropy, -100),
+    (nn.CrossEntropyLoss(ignore_index=1), 1),
+    (nn.CrossEntropyLoss(ignore_index=-1, reduction="sum", label_smoothing=0.2), -1),
+], ids=["default", "a_class", "sum_smoothed"])
+def test_ignored_targets_give_the_exact_ggn(loss_fn, ignore):
+    model, x, y = make_model("gelu_mlp")
+    y = y.clone()
+    y[[0, 3, 4, 9]] = ignore
+    loader = [(x[:10], y[:10]), (x[10:], y[10:])]
+    _check(GGNOperator(model, loss_fn, loader), dense_ggn(model, loss_fn, loader))
+
+
+@pytest.mark.parametrize("loss_fn, label", [
+    (F.cross_entropy, 5),
+    (F.cross_entropy, -1),
+    (nn.CrossEntropyLoss(ignore_index=-1), -100),
+    (nn.CrossEntropyLoss(label_smoothing=0.1), 3),
+], ids=["too_large", "negative", "default_ignore_of_another_loss", "smoothed"])
+@pytest.mark.parametrize("operator", [GGNOperator, HessianOperator], ids=["ggn", "hessian"])
+def test_class_targets_out_of_range_are_refused(operator, loss_fn, label):
+    model, x, y = make_model("tanh_mlp")
+    y = y.clone()
+    y[2] = label
+    H = operator(model, loss_fn, (x, y))
+    with pytest.raises(ValueError, match=rf"class target {label} is out of range for 3 classes"):
+        H @ torch.ones(H.shape[0])
+
+
+def test_a_batch_of_ignored_targets_is_refused_under_a_mean():
+    model, x, y = make_model("tanh_mlp")
+    for operator in (GGNOperator, HessianOperator):
+        H = operator(model, F.cross_entropy, [(x[:4], torch.full((4,), -100)), (x, y)])
+        with pytest.raises(ValueError, match="every target of a batch equals ignore_index=-100"):
+            H @ torch.ones(H.shape[0])
+
+
+def test_sparse_embedding_gradients_match_the_dense_twin():
+    sparse, dense, ids, y = token_bag_twins()
+    for data in ([(ids[:5], y[:5]), (ids[5:], y[5:])], [(ids, y)]):
+        _check(GGNOperator(sparse, F.cross_entropy, data if len(data) > 1 else data[0]),
+               dense_ggn(dense, F.cross_entropy, data))
 
 
 def test_dataset_mode_weights_unequal_batches_by_sample_count():

@@ -169,6 +169,14 @@ def test_ignored_targets_have_no_loss_of_their_own():
         input_hvp(model, F.cross_entropy, x, y, _direction(x))
 
 
+def test_class_targets_out_of_range_are_refused():
+    model, x, y = make_model("tanh_mlp")
+    y = y.clone()
+    y[4] = 7
+    with pytest.raises(ValueError, match="class target 7 is out of range for 3 classes"):
+        input_hvp(model, F.cross_entropy, x, y, _direction(x))
+
+
 def test_bad_arguments_are_refused():
     model, x, y = make_model("tanh_mlp")
     v = _direction(x)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvkit.hessian import HessianOperator
-from tests._models import dense_hessian, make_model
+from tests._models import dense_hessian, make_model, token_bag_twins
 
 
 def _products(H, D, seed=0):
@@ -26,6 +26,26 @@ def test_products_match_dense_hessian(model_and_hessian):
     got, want = _products(H, D)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert H.matvecs == 3
+
+
+def test_ignored_targets_give_the_exact_hessian():
+    model, x, y = make_model("attention")
+    y = y.clone()
+    y[[1, 5]] = -100
+    H = HessianOperator(model, F.cross_entropy, (x, y))
+    got, want = _products(H, dense_hessian(model, F.cross_entropy, [(x, y)]))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_embedding_gradients_match_the_dense_twin():
+    sparse, dense, ids, y = token_bag_twins()
+    data = [(ids[:5], y[:5]), (ids[5:], y[5:])]
+    D = dense_hessian(dense, F.cross_entropy, data)
+    for batches in (data, (ids, y)):
+        got, want = _products(HessianOperator(sparse, F.cross_entropy, batches), D if batches is data else
+                              dense_hessian(dense, F.cross_entropy, [batches]))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert sparse.embed.weight.grad is None
 
 
 def test_sub_block_by_glob_and_parameter():
@@ -218,6 +238,24 @@ def test_op_without_double_backward_is_explained():
     H = HessianOperator(model, F.mse_loss, (torch.randn(2, 3, 4), torch.randn(2, 12)))
     with pytest.raises(RuntimeError, match="does not support double backward"):
         H @ torch.ones(H.shape[0])
+
+
+def test_a_model_on_the_meta_device_is_refused_up_front():
+    from curvkit.hessian import GGNOperator, input_hvp, layerwise
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    for call in (lambda: HessianOperator(model, F.cross_entropy, (x, y)),
+                 lambda: GGNOperator(model, F.cross_entropy, (x, y)),
+                 lambda: layerwise(model, F.cross_entropy, (x, y)),
+                 lambda: input_hvp(model, F.cross_entropy, x, y, torch.ones_like(x))):
+        with pytest.raises(ValueError, match=r"'0.weight' is on the meta device.*to_empty.*load_state_dict"):
+            call()
+    model[0].to_empty(device="cpu")
+    model[2].to_empty(device="cpu")
+    with pytest.raises(ValueError, match="buffer '1.running_mean' is on the meta device"):
+        HessianOperator(model, F.cross_entropy, (x, y), params=["0.*"])
 
 
 def test_bad_vector_shapes_are_refused():
