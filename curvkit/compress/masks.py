@@ -175,7 +175,7 @@ def nm_masks(tensors: Sequence[torch.Tensor], pattern: str = "2:4",
             raise ValueError(f"{pattern} sparsity groups {m} consecutive entries along dim 1 (the input features "
                              f"or channels), but {name} has shape {tuple(t.shape)}: "
                              f"{'it has no dim 1' if t.dim() < 2 else f'{t.shape[1]} is not a multiple of {m}'}. "
-                             "Leave that layer dense (exclude it).")
+                             "Leave that layer dense.")
     return [_nm_mask(t, n, m) for t in tensors]
 
 

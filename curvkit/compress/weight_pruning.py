@@ -79,7 +79,10 @@ def prune_weights(model: nn.Module, amount: float | None = None, pattern: str = 
             prune.remove(module, name)
     weights = [getattr(module, name) for module, name in targets.values()]
     if nm is not None:
-        masks = nm_masks(weights, pattern, names=list(targets))
+        try:
+            masks = nm_masks(weights, pattern, names=list(targets))
+        except ValueError as err:
+            raise ValueError(f"{err} prune_weights: list it in exclude=.") from None
     else:
         masks = magnitude_masks(weights, amount, per_tensor=pattern == "layer")
     for (module, name), mask, weight in zip(targets.values(), masks, weights):

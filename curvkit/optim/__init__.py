@@ -1,4 +1,5 @@
-"""Second-order optimizers built on the Hessian engine, drop-in ``torch.optim`` optimizers.
+"""Second-order optimizers built on the Hessian engine, drop-in ``torch.optim`` optimizers, and CrAM
+(compression-aware training around any first-order optimizer, :mod:`curvkit.optim.cram`).
 
 >>> from curvkit.optim import AdaHessian
 >>> opt = AdaHessian(model.parameters(), lr=0.15, seed=0)
@@ -12,6 +13,7 @@ stay bit-identical.
 """
 
 from .adahessian import AdaHessian
+from .cram import CrAM
 from .sophia import Sophia
 
-__all__ = ["AdaHessian", "Sophia"]
+__all__ = ["AdaHessian", "Sophia", "CrAM"]
