@@ -36,8 +36,10 @@ from collections.abc import Sequence
 
 import torch
 
-MAX_CONCAT = 1 << 24
-"""Up to this many entries, :func:`kth_smallest_magnitude` concatenates the magnitudes for ``torch.kthvalue``."""
+MAX_CONCAT = 1 << 17
+"""Up to this many entries, :func:`kth_smallest_magnitude` concatenates the magnitudes for ``torch.kthvalue``
+(faster there: the radix select pays a fixed 65,536-bin histogram per tensor and pass; above, it is the faster one,
+3-4x at a million entries on one CPU thread)."""
 
 _DIGIT = 16  # bits per radix-select pass
 
@@ -71,7 +73,10 @@ def kth_smallest_magnitude(tensors: Sequence[torch.Tensor], k: int, *, max_conca
         raise ValueError(f"k must be in [1, {n}] (the number of entries), got {k}")
     dtype = _common_float(tensors)
     if n <= max_concat:
-        return torch.cat([t.detach().abs().reshape(-1).to(dtype) for t in tensors]).kthvalue(k).values.cpu()
+        flat = torch.empty(n, dtype=dtype, device=tensors[0].device)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            torch.abs(t.detach().reshape(-1).to(device=flat.device, dtype=dtype), out=part)
+        return flat.kthvalue(k).values.cpu()
     as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     width = torch.finfo(dtype).bits
     prefix = 0
