@@ -181,14 +181,16 @@ class CrAM(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         loss, grads = self._gradient(closure, params, copy=self._copy_first_gradient)
         theta = [p.detach().clone() for p in params]
-        self._perturb(grads)
-        weights = _compressed(self.param_groups)
-        masks = self._masks(weights)
-        torch._foreach_mul_(weights, masks)
-        with self._running_statistics_frozen():
-            _, compressed_grads = self._gradient(closure, params, copy=False)
-        for p, saved in zip(params, theta):
-            p.copy_(saved)
+        try:
+            self._perturb(grads)
+            weights = _compressed(self.param_groups)
+            masks = self._masks(weights)
+            torch._foreach_mul_(weights, masks)
+            with self._running_statistics_frozen():
+                _, compressed_grads = self._gradient(closure, params, copy=False)
+        finally:
+            for p, saved in zip(params, theta):
+                p.copy_(saved)
         mask_of = {id(w): m for w, m in zip(weights, masks)}
         for p, g, g_c in zip(params, grads, compressed_grads):
             if g_c is not None and self.sparse_grad and id(p) in mask_of:

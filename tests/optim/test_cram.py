@@ -294,6 +294,7 @@ def test_bad_input_is_rejected_with_what_to_do():
     wrong = CrAM(params, lr=0.1, compression=lambda ws, s: [torch.ones(2)], seed=0)
     with pytest.raises(ValueError, match="one mask per weight with the weight's shape"):
         wrong.step(lambda: F.cross_entropy(model(x), y))
+    torch.testing.assert_close(_params(model), before, rtol=0, atol=0)  # restored after a failed step
 
 
 # ------------------------------------------------------------------ two gloo ranks
