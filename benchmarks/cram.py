@@ -13,7 +13,7 @@ Four parts, in one process (1 torch thread), on sklearn's 8x8 digits and a small
 4. step time of CrAM+ and SAM against an SGD step, interleaved step by step (CPU time), and the exact
    global threshold on a ResNet-50-sized set of weights: radix select against concatenation + kthvalue.
 
-    python benchmarks/cram.py            # about 10 minutes on the shared 2-core machine
+    python benchmarks/cram.py            # about 17 minutes on the shared 2-core machine (under load)
     python benchmarks/cram.py --quick    # about 1 minute: a smoke test, not figures
 """
 

@@ -38,8 +38,9 @@ def prune_weights(model: nn.Module, amount: float | None = None, pattern: str = 
         amount: the fraction of weights to zero, in [0, 1); default 0.9. An N:M pattern fixes it at
             1 - N/M: leave it unset or pass that value.
         pattern: ``"global"``, ``"layer"`` or ``"N:M"``.
-        exclude: names of parameters to leave dense (as in ``model.named_parameters()``, e.g.
-            ``{"0.weight"}`` for a first convolution with a single input channel under N:M).
+        exclude: names of weights to leave dense, as in ``model.named_parameters()`` (a pruned one
+            without ``_orig``), e.g. ``{"0.weight"}`` for a first convolution with one input channel
+            under N:M.
 
     Returns:
         The pruned copy, in the mode ``model`` was in.
