@@ -154,7 +154,11 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
     ``pruned.pruning_table``; non-Linear/Conv modules are listed in ``pruned.pruning_skipped``.
     ``scores`` (from :func:`channel_scores`) reuses importances across several amounts.
 
-    >>> pmodel = prune_channels(model, F.cross_entropy, (x, y), amount=0.5, method="hessian")
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    >>> pmodel = prune_channels(model, F.cross_entropy, (x, y), amount=0.5, method="l2")
+    >>> int(pmodel.pruning_table["pruned"].sum()), int((pmodel[0].weight.abs().sum(1) == 0).sum())
+    (8, 8)
     """
     if not 0 <= amount < 1:
         raise ValueError(f"amount must be a fraction in [0, 1), got {amount!r}")

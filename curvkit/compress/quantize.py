@@ -58,7 +58,10 @@ def perturbation(model: nn.Module, bits: Any = (2, 4, 8)) -> pd.DataFrame:
 def quantize(model: nn.Module, bits: dict[str, int]) -> nn.Module:
     """A copy of ``model`` whose listed layers have fake-quantized weights; the original is untouched.
 
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     >>> qmodel = quantize(model, {"0": 4, "2": 8})
+    >>> max(len(row.unique()) for row in qmodel[0].weight.detach()) <= 2 ** 4      # 4-bit rows
+    True
     """
     layers, _ = weight_layers(model)
     unknown = set(bits) - set(layers)
@@ -187,8 +190,14 @@ def mixed_precision(model: nn.Module, sens: pd.DataFrame, bits: Any = (2, 4, 8),
     layers feeding one residual add). ``frontier=N`` also solves N budgets from all-lowest to
     all-highest bits and returns the Pareto frontier (``res.frontier``, ``res.plot_frontier()``).
 
+    >>> from curvkit.compress import sensitivity
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    >>> sens = sensitivity(model, F.cross_entropy, (x, y), seed=0, progress=False)
     >>> res = mixed_precision(model, sens, bits=(2, 4, 8), max_weight_bits=4 * sens.n_params.sum())
     >>> qmodel = quantize(model, res.bits)
+    >>> sorted(res.bits.values())[0] in (2, 4, 8)
+    True
     """
     bits = _check_bits(bits)
     required = {"module", "n_params", "mean_eig"}

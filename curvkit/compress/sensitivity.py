@@ -87,8 +87,11 @@ def sensitivity(model: nn.Module, loss_fn: Any, data: Any, granularity: str = "l
     also how the MACs are counted, so dict batches (Hugging Face models) work. The model is borrowed,
     never changed (modes, parameters, buffers, ``.grad``).
 
-    >>> sens = sensitivity(model, F.cross_entropy, (x, y), granularity="layer", seed=0)
-    >>> sens.sort_values("mean_eig")
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    >>> sens = sensitivity(model, F.cross_entropy, (x, y), granularity="layer", seed=0, progress=False)
+    >>> sens["module"].tolist(), sens["n_params"].tolist()
+    (['0', '2'], [128, 48])
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -1,4 +1,7 @@
-"""Second-order optimizers built on the Hessian engine, drop-in ``torch.optim`` optimizers.
+"""Second-order and curvature-aware optimizers, drop-in ``torch.optim`` optimizers.
+
+AdaHessian and Sophia are built on the Hessian engine; CrAM (:mod:`curvkit.optim.cram`) is
+compression-aware training around any first-order optimizer.
 
 .. code-block:: python
 
@@ -17,7 +20,8 @@ Every curvature optimizer offers ``preconditioner()`` (the diagonal P of its ste
 """
 
 from .adahessian import AdaHessian
+from .cram import CrAM
 from .estimators import ESTIMATORS, Curvature, DiagonalEstimator, EstimateContext
 from .sophia import Sophia
 
-__all__ = ["AdaHessian", "Sophia", "ESTIMATORS", "DiagonalEstimator", "EstimateContext", "Curvature"]
+__all__ = ["AdaHessian", "Sophia", "CrAM", "ESTIMATORS", "DiagonalEstimator", "EstimateContext", "Curvature"]

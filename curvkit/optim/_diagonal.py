@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from .._utils.borrow import twice_differentiable
+from .._utils.distributed import average_over_ranks
 from .._utils.random import make_generator
 from ._step_hooks import with_torch_step_hooks
 from .estimators import Curvature, EstimateContext, Estimator, make_estimator
@@ -253,7 +254,7 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         else:
             loss, (live, grads, curvature) = None, self._from_backward(params, refresh)
         if self.distributed:
-            self._all_reduce(grads + (curvature.values if curvature else []))
+            average_over_ranks(grads + (curvature.values if curvature else []))
         self._steps += 1
         if len(groups) == 1 and len(live) == len(params):  # the common case: nothing to regroup
             next_probes = self._next_probe_buffers(live, curvature)
@@ -360,16 +361,6 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
                               self.n_samples)
         found = self._estimator(ctx)
         return found if carrying is None else found.embed(carrying, params)
-
-    def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        """Average tensors over ranks with one all-reduce."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
 
     def _init_and_count_state(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):
         """Count a step in every parameter's state; return the states and the two buffer lists.
