@@ -1,17 +1,14 @@
 r"""Edge-of-stability tracking: sharpness and preconditioned sharpness against the optimizer's threshold.
 
-Sharpness is the top Hessian eigenvalue lambda_max(H) on fixed data. For gradient descent the
-stability threshold is 2/lr (Cohen et al. 2021); heavy-ball momentum b: (2 + 2b)/lr; Nesterov:
-(2 + 2b)/((1 + 2b) lr). Adaptive optimizers precondition the step with P, and what hovers at the
-threshold is the preconditioned sharpness lambda_max(P^-1 H), computed as the top eigenvalue of the
-symmetric P^-1/2 H P^-1/2 (Cohen et al. 2022). Adam/AdamW: P = (1 - b1^t) diag(sqrt(v_t / (1 - b2^t))
-+ eps), threshold (2 + 2 b1) / ((1 - b1) lr); RMSprop: P = diag(sqrt(v_t) + eps) (centred: v_t - g_t^2),
-threshold (2 + 2b)/lr with momentum b; AdaHessian: P = (1 - b1^t) diag(Dhat_t^k + eps), as Adam.
+Sharpness is the top Hessian eigenvalue lambda_max(H) on fixed data; for gradient descent it rises to
+the stability threshold 2/lr and hovers there (Cohen et al. 2021). Adaptive optimizers precondition the
+step with P, and what hovers at their threshold is the preconditioned sharpness lambda_max(P^-1 H),
+computed as the top eigenvalue of the symmetric P^-1/2 H P^-1/2 (Cohen et al. 2022). The thresholds and
+preconditioners are the optimizers' knowledge: :mod:`curvkit.optim.stability`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -22,20 +19,15 @@ import torch
 from .._utils.random import Seed, make_generator
 from ..hessian import PreconditionedOperator, build_operator, eigenvalues
 from ..hessian.factory import OperatorSpec
+from ..optim.stability import stability as optimizer_stability
 
 COLUMNS = ["step", "loss", "sharpness", "preconditioned_sharpness", "threshold", "matvecs", "seconds"]
 
 
-def _per_lr(c: float, lr: float) -> float:
-    """The threshold c / lr; inf at lr 0 (the end of a schedule that decays to zero), where nothing is unstable."""
-    return c / lr if lr else math.inf
-
-
 def stability(optimizer: torch.optim.Optimizer | None, H: Any) -> tuple[float, torch.Tensor | None]:
-    """The optimizer's stability threshold and, for adaptive optimizers, the diagonal preconditioner P.
+    """The optimizer's stability threshold and, for adaptive optimizers, its diagonal preconditioner P over ``H``.
 
-    curvkit's curvature optimizers say both themselves (``stability_threshold()``, ``preconditioner()``);
-    for ``torch.optim`` SGD, Adam, AdamW and RMSprop the formulas of the module docstring apply.
+    See :func:`curvkit.optim.stability.stability` (the formulas are the optimizers' knowledge).
 
     Args:
         optimizer: the optimizer (None: no threshold).
@@ -45,37 +37,7 @@ def stability(optimizer: torch.optim.Optimizer | None, H: Any) -> tuple[float, t
         ``(threshold, P)``: ``(nan, None)`` for optimizers without a known threshold; ``P`` (flat, float64)
         is None for non-adaptive optimizers and until the optimizer has state for every parameter of ``H``.
     """
-    if optimizer is None:
-        return float("nan"), None
-    if hasattr(optimizer, "preconditioner") and hasattr(optimizer, "stability_threshold"):
-        return float(optimizer.stability_threshold()), optimizer.preconditioner(H.params)
-    group = optimizer.param_groups[0]
-    lr = group["lr"]
-    state = [optimizer.state.get(p, {}) for p in H.params]
-    ready = all(state)
-    if isinstance(optimizer, torch.optim.SGD):
-        b = group.get("momentum", 0.0)
-        if group.get("nesterov", False):
-            return _per_lr((2 + 2 * b) / (1 + 2 * b), lr), None
-        return _per_lr(2 + 2 * b, lr), None
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        b1, b2 = group["betas"]
-        if not ready:
-            return _per_lr((2 + 2 * b1) / (1 - b1), lr), None
-        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        P = []
-        for st in state:
-            t = float(st["step"])
-            P.append((1 - b1**t) * ((st[key] / (1 - b2**t)).sqrt() + group["eps"]))
-        return _per_lr((2 + 2 * b1) / (1 - b1), lr), H.flatten(P).to(torch.float64)
-    if isinstance(optimizer, torch.optim.RMSprop):
-        b = group.get("momentum", 0.0)
-        if not ready:
-            return _per_lr(2 + 2 * b, lr), None
-        P = [((st["square_avg"] - st["grad_avg"] ** 2) if group.get("centered") else st["square_avg"]).sqrt()
-             + group["eps"] for st in state]
-        return _per_lr(2 + 2 * b, lr), H.flatten(P).to(torch.float64)
-    return float("nan"), None
+    return optimizer_stability(optimizer, H.params)
 
 
 class SharpnessTracker:

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._utils.distributed import average_over_ranks
 from .._utils.random import Seed, make_generator
 from ..compress.masks import magnitude_masks, nm_masks, parse_nm
+from .stability import stability
 
 Compression = Union[str, Callable[[list[torch.Tensor], float], Sequence[torch.Tensor]]]
 _NORM_EPS = 1e-12  # added to ||g|| under normalize=True, as in SAM
@@ -144,16 +145,32 @@ class CrAM(torch.optim.Optimizer):
             if isinstance(choice, str):
                 self._nm(_compressed([param_group]), choice)
 
+    def _settings(self) -> dict[str, Any]:
+        compression = self.compression if isinstance(self.compression, str) else "callable"
+        return {"sparsities": [c if isinstance(c, str) else float(c) for c in self._choices],
+                "compression": compression, "plus": self.plus, "sparse_grad": self.sparse_grad,
+                "normalize": self.normalize}
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state and groups, and CrAM's generator (under ``"cram"``)."""
+        """The base optimizer's state and groups, and CrAM's generator and settings (under ``"cram"``)."""
         state = super().state_dict()
-        state["cram"] = {"generator": self._generator.get_state()}
+        state["cram"] = {"generator": self._generator.get_state(), "settings": self._settings()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved, into CrAM and its base optimizer alike."""
+        """Restore what :meth:`state_dict` saved, into CrAM and its base optimizer alike.
+
+        Raises:
+            ValueError: the state was saved with other sparsities, compression or direction settings
+                (resuming would silently change what is trained for).
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("cram", None)
+        saved = (extra or {}).get("settings")
+        if saved is not None and saved != self._settings():
+            different = {k: (v, self._settings()[k]) for k, v in saved.items() if self._settings().get(k) != v}
+            raise ValueError(f"the state dict was saved with other CrAM settings (saved, here): {different}; "
+                             "construct CrAM with the saved settings to resume")
         super().load_state_dict(state_dict)
         self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
         if extra is not None:
@@ -165,15 +182,16 @@ class CrAM(torch.optim.Optimizer):
         """One CrAM step on the batch the closure evaluates.
 
         Args:
-            closure: returns the loss (a scalar tensor with a graph) and must not call backward;
-                it is called twice, at θ and at the compressed point.
+            closure: returns the loss (a scalar tensor with a graph) without calling backward; it is called
+                twice, at θ and at the compressed point. A closure may instead run backward itself and return
+                the loss detached, as training frameworks' closures do (PyTorch Lightning's).
 
         Returns:
             The loss at θ, detached.
 
         Raises:
             TypeError: without a closure.
-            RuntimeError: if the closure called backward itself.
+            RuntimeError: if the closure called backward itself and returned the loss with its graph.
             ValueError: if the closure's loss is not a scalar that requires grad, or a callable
                 compression returned masks of the wrong number or shapes.
         """
@@ -209,21 +227,50 @@ class CrAM(torch.optim.Optimizer):
             p.grad = None
         with torch.enable_grad():
             loss = closure()
-            if any(p.grad is not None for p in params):
-                raise RuntimeError("the closure called backward (parameter gradients appeared while it ran). CrAM "
-                                   "differentiates twice per step itself: return the loss without calling backward, "
-                                   "opt.step(lambda: loss_fn(model(x), y))")
-            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+            if any(p.grad is not None for p in params):   # the closure ran backward itself
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    raise RuntimeError(
+                        "the closure called backward and returned the loss with its graph. CrAM differentiates "
+                        "twice per step itself: return the loss without calling backward, "
+                        "opt.step(lambda: loss_fn(model(x), y)); a closure that runs backward itself (as training "
+                        "frameworks' do) must return the loss detached")
+            elif not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
                 raise ValueError("the closure must return the loss as a scalar tensor that requires grad "
                                  f"(and must not call backward itself); got {type(loss).__name__}"
                                  f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}")
-            torch.autograd.backward(loss, inputs=params)
+            else:
+                torch.autograd.backward(loss, inputs=params)
         grads = [None if p.grad is None else p.grad.clone() if copy else p.grad for p in params]
         for p in params:
             p.grad = None
         if self.distributed:
             average_over_ranks([g for g in grads if g is not None])
-        return loss.detach(), grads
+        return (None if loss is None else loss.detach()), grads
+
+    # ------------------------------------------------------------------ analysis
+    def next_step_needs_graph(self) -> bool:
+        """False: CrAM takes first derivatives only, so a backward for it never needs ``create_graph``."""
+        return False
+
+    def preconditioner(self, params: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The base optimizer's diagonal preconditioner (None for SGD), see :mod:`curvkit.optim.stability`.
+
+        Args:
+            params: the parameters to report, in order (default: every parameter of every group).
+
+        Returns:
+            P over ``params`` in float64, or None.
+        """
+        params = [p for g in self.param_groups for p in g["params"]] if params is None else params
+        return stability(self.base_optimizer, params)[1]
+
+    def stability_threshold(self) -> float:
+        """The base optimizer's stability threshold (nan where none is known).
+
+        CrAM+ steps along g_c + g, about twice the gradient near a flat compressed point, so its effective
+        step is up to twice the base optimizer's: compare sharpness with half this threshold there.
+        """
+        return stability(self.base_optimizer, [])[0]
 
     def _perturb(self, grads: list[torch.Tensor | None]) -> None:
         """θ += ρ g per group (ρ g / ‖g‖ with ``normalize``, the norm over all parameters)."""

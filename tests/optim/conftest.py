@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from curvkit.optim import AdaHessian, Sophia
+from curvkit.optim import AdaHessian, CrAM, Sophia
 
 
 @dataclass
@@ -18,7 +18,9 @@ class OptimizerCase:
     ``make(params, **overrides)`` builds it with test defaults; ``bad`` lists (kwargs, message regex) that
     must raise ValueError; ``backward``: it also takes ``.grad`` from ``loss.backward(create_graph=True)``;
     ``preconditioned``: it has ``exp_avg`` state and steps by lr * exp_avg / preconditioner() on
-    unclipped coordinates.
+    unclipped coordinates; ``setting``: an optimizer-wide setting and two values, a state saved with the
+    first must be refused by an optimizer built with the second; ``diagonal``: a DiagonalCurvatureOptimizer
+    (update_each, estimators, closures that ran backward with or without the graph).
     """
 
     name: str
@@ -26,6 +28,8 @@ class OptimizerCase:
     bad: list[tuple[dict, str]] = field(default_factory=list)
     backward: bool = True
     preconditioned: bool = True
+    setting: tuple = ("update_each", 3, 1)
+    diagonal: bool = True
 
     def __repr__(self) -> str:
         return self.name
@@ -47,10 +51,23 @@ OPTIMIZERS = [
              (dict(lr=-1), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(estimator=3), "estimator"),
              (dict(fused=1), "fused")],
     ),
+    OptimizerCase(
+        "CrAM",
+        lambda params, **kw: CrAM(params, **{"lr": 0.1, "momentum": 0.9, "rho": 0.05, "sparsities": (0.5,),
+                                             "seed": 0, **kw}),
+        bad=[(dict(rho=-0.1), "rho"), (dict(sparsities=(1.0,)), "sparsit"), (dict(compression="zip"), "compression")],
+        backward=False, preconditioned=False, setting=("sparsities", (0.5,), (0.7,)), diagonal=False,
+    ),
 ]
 
 
 @pytest.fixture(params=OPTIMIZERS, ids=[case.name for case in OPTIMIZERS])
 def case(request) -> OptimizerCase:
     """One registered optimizer."""
+    return request.param
+
+
+@pytest.fixture(params=[c for c in OPTIMIZERS if c.diagonal], ids=[c.name for c in OPTIMIZERS if c.diagonal])
+def diagonal_case(request) -> OptimizerCase:
+    """One registered diagonal-curvature optimizer."""
     return request.param

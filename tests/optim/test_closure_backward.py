@@ -1,4 +1,5 @@
-"""Closures that run backward themselves (Lightning's automatic optimization does), for every registered optimizer."""
+"""Closures that run backward themselves (Lightning's automatic optimization does), for every diagonal-curvature
+optimizer of the registry; CrAM's own test is in test_cram.py."""
 
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def _lightning_style(model, opt, x, y):
     return closure
 
 
-def test_a_closure_that_ran_backward_with_the_graph_follows_the_plain_closure(case):
+def test_a_closure_that_ran_backward_with_the_graph_follows_the_plain_closure(diagonal_case):
     model, x, y = _model_and_data()
     twin = copy.deepcopy(model)
-    a, b = case.make(model.parameters(), seed=5, update_each=2), case.make(twin.parameters(), seed=5, update_each=2)
+    make = diagonal_case.make
+    a, b = make(model.parameters(), seed=5, update_each=2), make(twin.parameters(), seed=5, update_each=2)
     for _ in range(5):
         loss_a = a.step(lambda: F.cross_entropy(model(x), y))
         loss_b = b.step(_lightning_style(twin, b, x, y))
@@ -47,10 +49,11 @@ def test_a_closure_that_ran_backward_with_the_graph_follows_the_plain_closure(ca
     assert all(p.grad.grad_fn is None and not p.grad.requires_grad for p in twin.parameters())
 
 
-def test_gradients_accumulated_before_the_closure_count_in_gradient_and_curvature(case):
+def test_gradients_accumulated_before_the_closure_count_in_gradient_and_curvature(diagonal_case):
     model, x, y = _model_and_data()
     twin = copy.deepcopy(model)
-    a, b = case.make(model.parameters(), seed=5, update_each=1), case.make(twin.parameters(), seed=5, update_each=1)
+    make = diagonal_case.make
+    a, b = make(model.parameters(), seed=5, update_each=1), make(twin.parameters(), seed=5, update_each=1)
     for _ in range(3):
         a.step(lambda: F.cross_entropy(model(x), y))
         b.zero_grad(set_to_none=True)
@@ -65,9 +68,9 @@ def test_gradients_accumulated_before_the_closure_count_in_gradient_and_curvatur
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-10, atol=1e-12)
 
 
-def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do(case):
+def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do(diagonal_case):
     model, x, y = _model_and_data()
-    opt = case.make(model.parameters(), update_each=2)
+    opt = diagonal_case.make(model.parameters(), update_each=2)
 
     def plain():
         opt.zero_grad(set_to_none=True)
@@ -86,10 +89,11 @@ def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(case, set_to_none):
+def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(diagonal_case, set_to_none):
     model, x, y = _model_and_data()
     twin = copy.deepcopy(model)
-    a, b = case.make(model.parameters(), seed=5, update_each=2), case.make(twin.parameters(), seed=5, update_each=2)
+    make = diagonal_case.make
+    a, b = make(model.parameters(), seed=5, update_each=2), make(twin.parameters(), seed=5, update_each=2)
 
     def zeroing():  # a torch-style closure with its backward removed: zero_grad stays, harmlessly
         b.zero_grad(set_to_none=set_to_none)
@@ -101,22 +105,22 @@ def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=0)
 
 
-def test_next_step_needs_graph_follows_update_each_and_the_estimator(case):
+def test_next_step_needs_graph_follows_update_each_and_the_estimator(diagonal_case):
     model, x, y = _model_and_data()
-    opt = case.make(model.parameters(), update_each=3)
+    opt = diagonal_case.make(model.parameters(), update_each=3)
     seen = []
     for _ in range(7):
         seen.append(opt.next_step_needs_graph())
         opt.step(lambda: F.cross_entropy(model(x), y))
     assert seen == [True, False, False, True, False, False, True]
-    gnb = case.make(model.parameters(), estimator="gnb", update_each=1)
+    gnb = diagonal_case.make(model.parameters(), estimator="gnb", update_each=1)
     assert not gnb.next_step_needs_graph()            # GNB differentiates a sampled loss, not the gradient
 
 
-def test_a_closure_returning_none_steps_on_grad_and_is_refused_without_one(case):
+def test_a_closure_returning_none_steps_on_grad_and_is_refused_without_one(diagonal_case):
     model, x, y = _model_and_data()
     twin = copy.deepcopy(model)
-    a, b = case.make(model.parameters(), seed=5), case.make(twin.parameters(), seed=5)
+    a, b = diagonal_case.make(model.parameters(), seed=5), diagonal_case.make(twin.parameters(), seed=5)
     with pytest.raises(ValueError, match="NoneType"):
         b.step(lambda: None)                          # nothing to step on: the closure forgot its return
     for _ in range(3):

@@ -342,3 +342,24 @@ def test_two_gloo_ranks_stay_in_sync_with_replicas_and_with_ddp(tmp_path):
     torch.testing.assert_close(rank0["replicas"], single, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(rank0["ddp"], single, rtol=1e-10, atol=1e-12)
     assert not torch.equal(rank0["entropy"], single)
+
+
+def test_a_closure_that_runs_backward_and_returns_the_loss_detached_gives_the_same_step():
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    (x, y), = _batches(1)
+    a = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, sparsities=(0.5, 0.7), seed=3)
+    b = CrAM(twin.parameters(), lr=0.1, momentum=0.9, rho=0.05, sparsities=(0.5, 0.7), seed=3)
+    assert not b.next_step_needs_graph()
+
+    def lightning_style():  # what Lightning's closure does: zero_grad, backward, return the loss detached
+        b.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(twin(x), y)
+        loss.backward(create_graph=b.next_step_needs_graph())
+        return loss.detach()
+
+    for _ in range(3):
+        loss_a = a.step(lambda: F.cross_entropy(model(x), y))
+        loss_b = b.step(lightning_style)
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=0)
+    torch.testing.assert_close(_params(model), _params(twin), rtol=1e-12, atol=1e-14)
