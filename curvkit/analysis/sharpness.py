@@ -126,7 +126,7 @@ class SharpnessTracker:
             return None
         H = build_operator(self.operator, self.model, self.loss_fn, self.data, **self._operator_kwargs)
         threshold, P = stability(self.optimizer, H)
-        row = {"step": self._calls - 1, "loss": H.loss() if hasattr(H, "loss") else np.nan,
+        row = {"step": self._calls - 1, "loss": H.loss() if hasattr(H, "loss") else np.nan,  # a factory's may not
                "sharpness": self._top(H, "raw"),
                "preconditioned_sharpness": np.nan, "threshold": threshold}
         if P is not None:

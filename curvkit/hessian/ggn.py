@@ -26,7 +26,8 @@ class _Linearisation(NamedTuple):
     outputs: torch.Tensor
     u: torch.Tensor
     grads: list[torch.Tensor]
-    hessian_out: _OutputHessian
+    hessian_out: _OutputHessian | None
+    loss: float
 
 
 def _cross_entropy_hessian(loss_fn: LossFn, outputs: torch.Tensor, targets: Any) -> _OutputHessian | None:
@@ -132,21 +133,23 @@ class GGNOperator(ModelOperator):
     CHECK_HINT = ("the model's backward is not differentiable w.r.t. its incoming gradient, or loss_fn is not "
                   "correctly twice differentiable in the outputs")
 
-    def _prepare(self, batch: Any) -> _Linearisation | None:
-        """The outputs' graph on private leaves, J^T u for a dual variable u, and H_out (None if G_b = 0)."""
+    def _prepare(self, batch: Any) -> _Linearisation:
+        """The outputs' graph on private leaves, J^T u for a dual variable u, H_out, and the loss.
+
+        ``live`` is empty when G_b = 0 (outputs that do not depend on the parameters, or a loss linear in them).
+        """
         inputs, targets = self._pair(batch)
         leaves = [p.detach().requires_grad_() for p in self.params]
         outputs = self._outputs(leaves, inputs)
         check_class_targets(self.loss_fn, outputs, targets)
-        if not outputs.requires_grad:
-            return None
-        hessian_out = _output_hessian(self.loss_fn, outputs, targets)
+        loss = float(require_scalar_loss(self.loss_fn(outputs.detach(), targets), "loss_fn(outputs, targets)"))
+        hessian_out = _output_hessian(self.loss_fn, outputs, targets) if outputs.requires_grad else None
         if hessian_out is None:
-            return None
+            return _Linearisation(leaves, [], outputs, None, [], None, loss)
         u = torch.zeros_like(outputs, requires_grad=True)
         grads = torch.autograd.grad(outputs, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None]
-        return _Linearisation(leaves, live, outputs, u, [grads[i] for i in live], hessian_out)
+        return _Linearisation(leaves, live, outputs, u, [grads[i] for i in live], hessian_out, loss)
 
     @staticmethod
     def _pair(batch: Any) -> tuple[Any, Any]:
@@ -207,8 +210,8 @@ class GGNOperator(ModelOperator):
         loss = require_scalar_loss(self.loss_fn(shifted, targets), "loss_fn(outputs, targets)")
         return torch.autograd.grad(loss, shifted)[0] if loss.requires_grad else torch.zeros_like(shifted)
 
-    def _products(self, state: _Linearisation | None, rows: torch.Tensor) -> torch.Tensor | None:
-        if state is None or not state.live:
+    def _products(self, state: _Linearisation, rows: torch.Tensor) -> torch.Tensor | None:
+        if not state.live:
             return None
         return torch.stack([self._product(state, v) for v in rows])
 

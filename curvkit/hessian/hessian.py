@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._utils.batches import empty_data_error
 from .model import ModelOperator, central_difference, dense, reraise_explained
 
 
@@ -54,20 +53,6 @@ class HessianOperator(ModelOperator):
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return _GradientGraph(leaves, live, [grads[i] for i in live], float(loss.detach()))
-
-    def loss(self) -> float:
-        """The sample-weighted mean loss over the data (free on one batch: its graph is cached)."""
-        total, count = 0.0, 0
-        for weight, state in self._states():
-            total += weight * state.loss
-            count += weight
-        if self.distributed:
-            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
-            count = self._all_reduce(summed, count)
-            total = float(summed)
-        if count == 0:
-            raise empty_data_error()
-        return total / count
 
     def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
                               ) -> torch.Tensor:

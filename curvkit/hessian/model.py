@@ -141,6 +141,23 @@ class ModelOperator(CurvatureOperator):
         """True when one cached per-batch state serves every product (blocks then save nothing)."""
         return self._single
 
+    def loss(self) -> float:
+        """The sample-weighted mean loss over the data (free on one batch: its state is cached).
+
+        Every per-batch state of a subclass carries its batch's ``loss``.
+        """
+        total, count = 0.0, 0
+        for weight, state in self._states():
+            total += weight * state.loss
+            count += weight
+        if self.distributed:
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
+            count = self._all_reduce(summed, count)
+            total = float(summed)
+        if count == 0:
+            raise empty_data_error()
+        return total / count
+
     @abstractmethod
     def _prepare(self, batch: Any) -> Any:
         """Per-batch state reused by every product on that batch (e.g. the gradient graph)."""
