@@ -12,6 +12,7 @@ run on any object with ``shape``, ``dtype``, ``device`` and ``@``, dense tensors
     eigenvalues(H, k=5).values, trace(H).ci95
 """
 
+from .closure import ClosureHessianOperator
 from .density import Spectrum, density
 from .diagonal import diagonal
 from .eigen import eigenvalues
@@ -33,4 +34,5 @@ __all__ = [
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
     "cg", "steihaug", "EigResult", "TraceResult", "DiagResult", "SolveResult", "Spectrum",
+    "ClosureHessianOperator",
 ]
