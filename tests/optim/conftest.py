@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from curvkit.optim import AdaHessian, Sophia
+from curvkit.optim import AdaHessian, LocalNewton, NewtonCG, Sophia
 
 
 @dataclass
@@ -18,7 +18,8 @@ class OptimizerCase:
     ``make(params, **overrides)`` builds it with test defaults; ``bad`` lists (kwargs, message regex) that
     must raise ValueError; ``backward``: it also takes ``.grad`` from ``loss.backward(create_graph=True)``;
     ``preconditioned``: it has ``exp_avg`` state and steps by lr * exp_avg / preconditioner() on
-    unclipped coordinates.
+    unclipped coordinates; ``setting``: an optimizer-wide setting and two values, a state saved with the
+    first must be refused by an optimizer built with the second.
     """
 
     name: str
@@ -26,6 +27,7 @@ class OptimizerCase:
     bad: list[tuple[dict, str]] = field(default_factory=list)
     backward: bool = True
     preconditioned: bool = True
+    setting: tuple = ("update_each", 3, 1)
 
     def __repr__(self) -> str:
         return self.name
@@ -47,6 +49,30 @@ OPTIMIZERS = [
              (dict(lr=-1), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(estimator=3), "estimator"),
              (dict(fused=1), "fused")],
     ),
+]
+
+
+def _newton(cls, **defaults):
+    """A Newton method as the contract builds it: deterministic (``seed`` is moot), no weight decay."""
+    def make(params, seed=None, weight_decay=0.0, **kw):
+        assert weight_decay == 0.0, "Newton methods take an l2 term in the closure's loss"
+        return cls(params, **{**defaults, **kw})
+
+    return make
+
+
+NEWTON_BAD = [(dict(cg_iters=0), "cg_iters"), (dict(cg_iters=2.0), "cg_iters"), (dict(cg_tol=-1e-3), "cg_tol"),
+              (dict(damping=-0.1), "damping"), (dict(damping=float("nan")), "damping"), (dict(lr=-1.0), "lr"),
+              (dict(line_search="armijo"), "line_search"), (dict(timeout=0), "timeout"),
+              (dict(distributed="yes"), "distributed")]
+
+OPTIMIZERS += [
+    OptimizerCase("NewtonCG", _newton(NewtonCG, cg_iters=10), bad=NEWTON_BAD, backward=False, preconditioned=False,
+                  setting=("cg_iters", 10, 5)),
+    OptimizerCase("LocalNewton", _newton(LocalNewton, cg_iters=10, local_steps=2),
+                  bad=NEWTON_BAD + [(dict(local_steps=0), "local_steps"), (dict(local_steps="auto"), "local_steps"),
+                                    (dict(gradient_correction=1), "gradient_correction")],
+                  backward=False, preconditioned=False, setting=("local_steps", 2, 4)),
 ]
 
 
