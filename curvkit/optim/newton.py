@@ -136,8 +136,8 @@ class _Collectives:
             finished = work.wait() if self.timeout is None else work.wait(timeout=self.timeout)
         except RuntimeError as err:
             raise RuntimeError(
-                f"{self.owner}: a torch.distributed all-reduce did not finish {within}: a rank died, hangs, or ran "
-                f"a different number of steps ({err}). Restart every rank from its last state_dict "
+                f"{self.owner}: a torch.distributed all-reduce failed or did not finish {within}: a rank died, "
+                f"hangs, or ran a different number of steps ({err}). Restart every rank from its last state_dict "
                 "(torchrun --max-restarts)") from err
         if finished is False:
             raise RuntimeError(f"{self.owner}: a torch.distributed all-reduce did not finish {within}")
