@@ -181,7 +181,7 @@ def _giant_reference(steps):
         for x, y in shards:
             t = theta.clone().requires_grad_()
             value = _theta_loss(t, x, y)
-            losses.append(float(value))
+            losses.append(float(value.detach()))
             grads.append(torch.autograd.grad(value, t)[0])
         g, f0 = torch.stack(grads).mean(0), sum(losses) / RANKS
         for x, y in shards:
