@@ -211,7 +211,7 @@ def _local_newton_reference(phases):
                 opt.step(lambda: _loss(model, x, y))
             models.append(model)
             starts.append(start)
-            decreases.append(start - float(_loss(model, x, y)))
+            decreases.append(start - float(_loss(model, x, y).detach()))
         start, promised = sum(starts) / RANKS, sum(decreases) / RANKS
         if pending is not None and pending[0] - start < ADAPTIVE_PROMISE * pending[1]:
             L = max(1, L // 2)  # judged with one phase of delay: f at a consensus model is known one averaging later
