@@ -340,7 +340,7 @@ class _NewtonOptimizer(torch.optim.Optimizer, ABC):
             self._take(params, w0, p, 1.0)
             return None
         cp = 0.0 if correction is None else float(correction @ p)
-        eps = torch.finfo(params[0].dtype).eps
+        eps = torch.finfo(H.loss.dtype).eps
         for t in STEP_SIZES:
             _place(params, w0 + t * p)
             phi = _value(closure) - (offset + t * cp)
@@ -363,7 +363,7 @@ class _NewtonOptimizer(torch.optim.Optimizer, ABC):
             _place(params, w0 + t * p)
             values.append(_value(closure))
         values = self._collectives.mean(torch.tensor(values, dtype=torch.float64, device=w0.device)).tolist()
-        eps = torch.finfo(params[0].dtype).eps
+        eps = torch.finfo(H.loss.dtype).eps
         chosen = next((t for t, v in zip(STEP_SIZES, values) if _armijo(v, f0, t, slope, eps)), 0.0)
         self._take(params, w0, p, chosen)
 
@@ -485,6 +485,11 @@ class LocalNewton(_NewtonOptimizer):
     def local_steps(self) -> int:
         """L: the number of local steps in the current phase (one process: fixed, unused)."""
         return self._local_steps
+
+    @property
+    def phase_step(self) -> int:
+        """Local steps taken since the last averaging: 0 right after one, when every rank holds the same model."""
+        return self._phase_step
 
     def _settings(self) -> dict:
         return {**super()._settings(), "local_steps": "adaptive" if self.adaptive else self._local_steps,

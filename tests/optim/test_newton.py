@@ -249,7 +249,8 @@ def _run(opt, model, closure, steps):
     out = []
     for _ in range(steps):
         opt.step(closure)
-        out.append((_flat(model), opt.local_steps if isinstance(opt, LocalNewton) else None, opt.comm_rounds))
+        phase = (opt.local_steps, opt.phase_step) if isinstance(opt, LocalNewton) else (None, None)
+        out.append((_flat(model), phase[0], opt.comm_rounds, phase[1]))
     return out
 
 
@@ -334,7 +335,7 @@ def test_local_newton_ranks_agree_at_consensus_and_follow_averaged_local_newton(
     assert syncs == [7, 15, 23, 27, 29, 30, 31]  # L = 8, 8, 8, then halved phase by phase once the phases stall
     for i in range(len(trace)):
         same = all(torch.equal(r["adaptive"][i][0], trace[i][0]) for r in results)
-        assert same == (i in syncs), i   # identical exactly at consensus, different in between (skewed shards)
+        assert same == (i in syncs) == (trace[i][3] == 0), i  # identical exactly at consensus (phase_step 0)
     reference = _local_newton_reference(len(syncs))
     for i, (theta, L) in zip(syncs, reference):
         torch.testing.assert_close(trace[i][0], theta, rtol=1e-10, atol=1e-12)
