@@ -243,7 +243,8 @@ def best_lr(label, lrs, new_model, full_loss, budget, counter, go) -> Trace:
     best = None
     for lr in lrs:
         model = new_model()
-        trace = go(model, lr, Run(f"{label}, lr {lr:.3g}", counter, full_loss(model), budget))
+        edge = " (edge of the grid)" if lr in (min(lrs), max(lrs)) else ""
+        trace = go(model, lr, Run(f"{label}, lr {lr:.3g}{edge}", counter, full_loss(model), budget))
         if best is None or trace.loss[-1] < best.loss[-1]:
             best = trace
     return best
@@ -362,10 +363,10 @@ def convex_section(name, x, y, args, counter, rank, world):
                                      f_star * (1 + STOP)))
         L = smoothness(x)
         new = lambda: logistic_model(x.shape[1])  # noqa: E731
-        traces.append(best_lr("full-batch GD", [1 / L, 2 / L, 4 / L], new, full_loss, 60 if args.quick else 300,
+        traces.append(best_lr("full-batch GD", [1 / L, 4 / L, 16 / L], new, full_loss, 60 if args.quick else 300,
                               counter, lambda m, lr, run: run_gd(m, lambda: logistic_loss(m, *shard, weight), lr, run,
                                                         f_star * (1 + STOP))))
-        traces.append(best_lr("local SGD (1 epoch/round, batch 64)", [4 / L, 16 / L, 64 / L], new, full_loss,
+        traces.append(best_lr("local SGD (1 epoch/round, batch 64)", [1 / L, 4 / L, 16 / L], new, full_loss,
                               20 if args.quick else 60, counter,
                               lambda m, lr, run: run_local_sgd(m, shard, logistic_loss, weight, lr, 64, run,
                                                                f_star * (1 + STOP), seed=rank)))
@@ -399,9 +400,9 @@ def mlp_section(args, counter, rank, world):
         run = Run(label, counter, full_loss(model), budget)
         traces.append(run_newton(label, make, model, lambda m=model: mlp_loss(m, *shard, weight), run, None))
 
-    traces.append(best_lr("full-batch GD", [0.5, 2.0, 8.0], mlp_model, full_loss, budget, counter,
+    traces.append(best_lr("full-batch GD", [0.5, 2.0, 8.0, 32.0], mlp_model, full_loss, budget, counter,
                           lambda m, lr, run: run_gd(m, lambda: mlp_loss(m, *shard, weight), lr, run, None)))
-    traces.append(best_lr("local SGD (1 epoch/round, batch 32)", [0.1, 0.3, 1.0], mlp_model, full_loss, budget,
+    traces.append(best_lr("local SGD (1 epoch/round, batch 32)", [0.1, 0.3, 1.0, 3.0], mlp_model, full_loss, budget,
                           counter, lambda m, lr, run: run_local_sgd(m, shard, mlp_loss, weight, lr, 32, run, None,
                                                                     seed=rank)))
     for t in traces:
