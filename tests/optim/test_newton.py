@@ -140,6 +140,11 @@ def test_the_line_search_backtracks_by_quarters_and_rejects_non_finite_losses():
     nan_above_one = lambda: torch.where(v > 1, float("nan"), (v - 3) ** 2).sum()  # noqa: E731
     NewtonCG([v]).step(nan_above_one)                          # t = 1 lands on 3: NaN, fails; t = 1/4: 0.75
     assert v.item() == pytest.approx(0.75, abs=1e-15)
+    u = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    nan_off_zero = lambda: torch.where(u == 0, (u - 3) ** 2, float("nan")).sum()  # noqa: E731
+    nowhere = NewtonCG([u])
+    nowhere.step(nan_off_zero)                                 # every candidate fails: the parameters stay
+    assert u.item() == 0.0 and nowhere.last_step_size == 0.0
     flat = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     stuck = NewtonCG([flat], line_search=True)
     stuck.step(lambda: (flat - 1).square().sum() + 1.0)        # at the minimum: the step is zero, t = 1 passes
