@@ -14,6 +14,7 @@ compares a model operator's products with finite differences of first derivative
 """
 
 from .check import check
+from .closure import ClosureHessianOperator
 from .density import Spectrum, density
 from .diagonal import diagonal
 from .eigen import eigenvalues
@@ -34,6 +35,6 @@ __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
-    "InputHessianOperator", "cg", "steihaug", "check",
+    "InputHessianOperator", "ClosureHessianOperator", "cg", "steihaug", "check",
     "EigResult", "TraceResult", "DiagResult", "SolveResult", "CheckResult", "Spectrum",
 ]

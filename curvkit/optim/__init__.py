@@ -17,11 +17,17 @@ stay bit-identical.
 
 Every curvature optimizer offers ``preconditioner()`` (the diagonal P of its step lr * m / P) and
 ``stability_threshold()``, which :mod:`curvkit.analysis` uses for preconditioned sharpness.
+
+:class:`NewtonCG` and :class:`LocalNewton` (:mod:`curvkit.optim.newton`) are closure-only Newton-CG
+methods with an Armijo line search; under torch.distributed they are GIANT and LocalNewton (local
+Newton steps between model averagings), with their own communication pattern and counters.
 """
 
 from .adahessian import AdaHessian
 from .cram import CrAM
 from .estimators import ESTIMATORS, Curvature, DiagonalEstimator, EstimateContext
+from .newton import LocalNewton, NewtonCG
 from .sophia import Sophia
 
-__all__ = ["AdaHessian", "Sophia", "CrAM", "ESTIMATORS", "DiagonalEstimator", "EstimateContext", "Curvature"]
+__all__ = ["AdaHessian", "Sophia", "CrAM", "NewtonCG", "LocalNewton", "ESTIMATORS", "DiagonalEstimator",
+           "EstimateContext", "Curvature"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from curvkit.optim import AdaHessian, CrAM, Sophia
+from curvkit.optim import AdaHessian, CrAM, LocalNewton, NewtonCG, Sophia
 
 
 @dataclass
@@ -58,6 +58,30 @@ OPTIMIZERS = [
         bad=[(dict(rho=-0.1), "rho"), (dict(sparsities=(1.0,)), "sparsit"), (dict(compression="zip"), "compression")],
         backward=False, preconditioned=False, setting=("sparsities", (0.5,), (0.7,)), diagonal=False,
     ),
+]
+
+
+def _newton(cls, **defaults):
+    """A Newton method as the contract builds it: deterministic (``seed`` is moot), no weight decay."""
+    def make(params, seed=None, weight_decay=0.0, **kw):
+        assert weight_decay == 0.0, "Newton methods take an l2 term in the closure's loss"
+        return cls(params, **{**defaults, **kw})
+
+    return make
+
+
+NEWTON_BAD = [(dict(cg_iters=0), "cg_iters"), (dict(cg_iters=2.0), "cg_iters"), (dict(cg_tol=-1e-3), "cg_tol"),
+              (dict(damping=-0.1), "damping"), (dict(damping=float("nan")), "damping"), (dict(lr=-1.0), "lr"),
+              (dict(line_search="armijo"), "line_search"), (dict(timeout=0), "timeout"),
+              (dict(distributed="yes"), "distributed")]
+
+OPTIMIZERS += [
+    OptimizerCase("NewtonCG", _newton(NewtonCG, cg_iters=10), bad=NEWTON_BAD, backward=False, preconditioned=False,
+                  setting=("cg_iters", 10, 5), diagonal=False),
+    OptimizerCase("LocalNewton", _newton(LocalNewton, cg_iters=10, local_steps=2),
+                  bad=NEWTON_BAD + [(dict(local_steps=0), "local_steps"), (dict(local_steps="auto"), "local_steps"),
+                                    (dict(gradient_correction=1), "gradient_correction")],
+                  backward=False, preconditioned=False, setting=("local_steps", 2, 4), diagonal=False),
 ]
 
 
