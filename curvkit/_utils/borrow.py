@@ -25,11 +25,23 @@ try:  # torch >= 2.3: pick the twice-differentiable (math) attention kernel duri
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def twice_differentiable():
-        """Select kernels whose backward is itself differentiable (fused attention kernels are not)."""
+        """Select kernels whose backward is itself differentiable (fused attention kernels are not).
+
+        A context manager: run a forward whose gradient will be differentiated again inside it, e.g.
+        ``with twice_differentiable(): loss = loss_fn(model(x), y)`` before ``loss.backward(create_graph=True)``.
+        """
         return sdpa_kernel([SDPBackend.MATH])
 except ImportError:  # pragma: no cover - older torch
     def twice_differentiable():
+        """A no-op on torch versions whose attention has no fused kernels to avoid."""
         return nullcontext()
+
+_DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
+
+
+def lacks_double_backward(err: BaseException) -> bool:
+    """Whether autograd's error says an operation has no derivative of its backward (no double backward)."""
+    return any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS)
 
 ParamSpec = Union[None, str, nn.Parameter, Iterable[Union[str, nn.Parameter]]]
 LossFn = Callable[[Any, Any], torch.Tensor]

@@ -13,6 +13,7 @@ compares a model operator's products with finite differences of first derivative
     eigenvalues(H, k=5).values, trace(H).ci95
 """
 
+from .._utils.borrow import twice_differentiable
 from .check import check
 from .closure import ClosureHessianOperator
 from .density import Spectrum, density
@@ -35,6 +36,6 @@ __all__ = [
     "CurvatureOperator", "ModelOperator", "HessianOperator", "GGNOperator", "PreconditionedOperator",
     "AffineOperator", "DiagonalSandwich", "OPERATORS", "build_operator",
     "Lanczos", "SegmentedLanczos", "eigenvalues", "trace", "diagonal", "density", "layerwise", "input_hvp",
-    "InputHessianOperator", "ClosureHessianOperator", "cg", "steihaug", "check",
+    "InputHessianOperator", "ClosureHessianOperator", "cg", "steihaug", "check", "twice_differentiable",
     "EigResult", "TraceResult", "DiagResult", "SolveResult", "CheckResult", "Spectrum",
 ]

@@ -13,11 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .._utils.batches import as_batches, batch_size, empty_data_error, to_device
-from .._utils.borrow import BorrowedLoss, ForwardFn, LossFn, ParamSpec, select_parameters
+from .._utils.borrow import BorrowedLoss, ForwardFn, LossFn, ParamSpec, lacks_double_backward, select_parameters
 from .check import check as run_check
 from .operator import CurvatureOperator
-
-_DOUBLE_BACKWARD_HINTS = ("differentiate", "not implemented", "double backward", "once_differentiable")
 
 
 def reraise_explained(err: RuntimeError, what: str):
@@ -26,7 +24,7 @@ def reraise_explained(err: RuntimeError, what: str):
     Raises:
         RuntimeError: always; explained when ``err`` is about a missing double backward, else ``err`` itself.
     """
-    if any(h in str(err) for h in _DOUBLE_BACKWARD_HINTS):
+    if lacks_double_backward(err):
         raise RuntimeError(
             f"an operation in the model does not support double backward, which {what} need ({err}). "
             "Replace it with a twice-differentiable operation, or restrict params= to parameters after it."

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from .._utils.borrow import twice_differentiable
+from .._utils.borrow import lacks_double_backward, twice_differentiable
 from .._utils.distributed import average_over_ranks
 from .._utils.random import make_generator
 from ._step_hooks import with_torch_step_hooks
@@ -359,7 +359,17 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
             sub_params = params
         ctx = EstimateContext(sub_params, grads, logits, self._generator, lambda: self._draw(sub_params),
                               self.n_samples)
-        found = self._estimator(ctx)
+        try:
+            found = self._estimator(ctx)
+        except RuntimeError as err:
+            if not lacks_double_backward(err):
+                raise
+            raise RuntimeError(
+                f"an operation in the model has no double backward, which the curvature estimate needs ({err}). "
+                "Fused attention kernels are the usual cause: pass a closure, opt.step(lambda: loss_fn(model(x), "
+                "y)), so that the optimizer runs the forward with PyTorch's twice-differentiable kernel, or run "
+                "your forward inside curvkit.hessian.twice_differentiable() before backward(create_graph=True)"
+            ) from err
         return found if carrying is None else found.embed(carrying, params)
 
     def _init_and_count_state(self, params: list, first: str, second: str, counters: tuple[str, ...] = ()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 import pytest
@@ -188,3 +189,42 @@ def test_parameters_without_curvature_or_gradient():
     assert opt.state[model.shift]["exp_hessian_diag_sq"].abs().max() > 0  # mse: the shift has curvature
 
 
+
+
+class _Heads(nn.Module):
+    """Causal two-head self-attention as GPT-2 runs it (4-D q, k, v): its fused CPU kernel has no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8 * 5, 3)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.transpose(1, 2).reshape(batch, -1))
+
+
+def test_attention_with_fused_kernels_trains_through_the_closure_and_the_backward_path_says_what_to_do():
+    from curvkit.hessian import twice_differentiable
+
+    torch.manual_seed(0)
+    model = _Heads().float()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(6, 5, 8, dtype=torch.float32), torch.randint(0, 3, (6,))
+    with pytest.raises(RuntimeError, match="flash_attention"):   # what plain autograd does on this model
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()), create_graph=True)
+        torch.autograd.grad(g, list(model.parameters()), [torch.ones_like(t) for t in g])
+    a, b = AdaHessian(model.parameters(), seed=0), AdaHessian(twin.parameters(), seed=0)
+    for _ in range(3):
+        a.step(lambda: F.cross_entropy(model(x), y))
+        b.zero_grad()
+        with twice_differentiable():
+            F.cross_entropy(twin(x), y).backward(create_graph=True)
+        b.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    b.zero_grad()
+    F.cross_entropy(twin(x), y).backward(create_graph=True)            # the fused kernel: no double backward
+    with pytest.raises(RuntimeError, match=r"pass a closure.*twice_differentiable\(\)"):
+        b.step()
