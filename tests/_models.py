@@ -219,3 +219,18 @@ def dict_twins(seed: int = 0) -> tuple[nn.Module, list, nn.Module, list]:
     x, y = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
     pairs = [(x[:12], y[:12]), (x[12:], y[12:])]
     return net, pairs, DictClassifier(net), [{"features": a, "labels": b} for a, b in pairs]
+
+
+def small_classifier(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 6-8-3 tanh MLP with weights and a batch of 32 drawn from ``seed`` alone (the optimizer tests' model)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, detached and concatenated."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

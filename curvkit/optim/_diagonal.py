@@ -36,6 +36,7 @@ from .. import kernels
 from .._utils.borrow import lacks_double_backward, twice_differentiable
 from .._utils.distributed import average_over_ranks
 from .._utils.random import make_generator
+from ._resume import require_same_settings
 from ._step_hooks import with_torch_step_hooks
 from .estimators import Curvature, EstimateContext, Estimator, make_estimator
 
@@ -160,11 +161,7 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvkit", None)
-        saved = (extra or {}).get("settings")
-        if saved is not None and saved != self._settings():
-            different = {k: (v, self._settings()[k]) for k, v in saved.items() if self._settings().get(k) != v}
-            raise ValueError(f"the state dict was saved with other optimizer-wide settings (saved, here): {different}; "
-                             "construct the optimizer with the saved settings to resume")
+        require_same_settings((extra or {}).get("settings"), self._settings(), type(self).__name__)
         super().load_state_dict(state_dict)
         self._prefetched = None
         if extra is not None:

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._utils.distributed import average_over_ranks
 from .._utils.random import Seed, make_generator
 from ..compress.masks import magnitude_masks, nm_masks, parse_nm
+from ._resume import require_same_settings
 from .stability import stability
 
 Compression = Union[str, Callable[[list[torch.Tensor], float], Sequence[torch.Tensor]]]
@@ -166,11 +167,7 @@ class CrAM(torch.optim.Optimizer):
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop("cram", None)
-        saved = (extra or {}).get("settings")
-        if saved is not None and saved != self._settings():
-            different = {k: (v, self._settings()[k]) for k, v in saved.items() if self._settings().get(k) != v}
-            raise ValueError(f"the state dict was saved with other CrAM settings (saved, here): {different}; "
-                             "construct CrAM with the saved settings to resume")
+        require_same_settings((extra or {}).get("settings"), self._settings(), "CrAM")
         super().load_state_dict(state_dict)
         self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
         if extra is not None:

@@ -74,6 +74,7 @@ import torch.distributed as dist
 
 from .._utils.borrow import require_scalar_loss
 from ..hessian import ClosureHessianOperator, cg
+from ._resume import require_same_settings
 from ._step_hooks import with_torch_step_hooks
 
 STEP_SIZES = tuple(4.0 ** -j for j in range(10))
@@ -224,11 +225,7 @@ class _NewtonOptimizer(torch.optim.Optimizer, ABC):
         extra = state_dict.pop("curvkit", None)
         _require(extra is not None and "settings" in extra,
                  f"the state dict has no 'curvkit' entry: it was not saved by {type(self).__name__}.state_dict()")
-        mine = self._settings()
-        different = {k: (v, mine.get(k)) for k, v in extra["settings"].items() if mine.get(k) != v}
-        _require(not different and set(extra["settings"]) == set(mine),
-                 f"the state dict was saved with other optimizer-wide settings (saved, here): {different}; "
-                 f"construct {type(self).__name__} with the saved settings to resume")
+        require_same_settings(extra["settings"], self._settings(), type(self).__name__)
         super().load_state_dict(state_dict)
         self.matvecs = extra["matvecs"]
         self._collectives.rounds, self._collectives.bytes = extra["comm_rounds"], extra["comm_bytes"]

@@ -8,20 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-def _model_and_data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model, torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
-
-
-def _flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+from tests._models import flat_params, small_classifier
 
 
 def _lightning_style(model, opt, x, y):
@@ -37,7 +25,7 @@ def _lightning_style(model, opt, x, y):
 
 
 def test_a_closure_that_ran_backward_with_the_graph_follows_the_plain_closure(diagonal_case):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     twin = copy.deepcopy(model)
     make = diagonal_case.make
     a, b = make(model.parameters(), seed=5, update_each=2), make(twin.parameters(), seed=5, update_each=2)
@@ -45,12 +33,12 @@ def test_a_closure_that_ran_backward_with_the_graph_follows_the_plain_closure(di
         loss_a = a.step(lambda: F.cross_entropy(model(x), y))
         loss_b = b.step(_lightning_style(twin, b, x, y))
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=0)
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-10, atol=1e-12)
     assert all(p.grad.grad_fn is None and not p.grad.requires_grad for p in twin.parameters())
 
 
 def test_gradients_accumulated_before_the_closure_count_in_gradient_and_curvature(diagonal_case):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     twin = copy.deepcopy(model)
     make = diagonal_case.make
     a, b = make(model.parameters(), seed=5, update_each=1), make(twin.parameters(), seed=5, update_each=1)
@@ -65,11 +53,11 @@ def test_gradients_accumulated_before_the_closure_count_in_gradient_and_curvatur
             return loss.detach()
 
         b.step(second_half)
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-10, atol=1e-12)
 
 
 def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do(diagonal_case):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     opt = diagonal_case.make(model.parameters(), update_each=2)
 
     def plain():
@@ -78,19 +66,19 @@ def test_a_closure_that_ran_a_plain_backward_on_a_curvature_step_says_what_to_do
         loss.backward()
         return loss.detach()
 
-    before = _flat(model)
+    before = flat_params(model)
     with pytest.raises(RuntimeError, match=r"create_graph=True.*CurvatureModule"):
         opt.step(plain)
-    assert torch.equal(before, _flat(model))
+    assert torch.equal(before, flat_params(model))
     opt.step(lambda: F.cross_entropy(model(x), y))
     assert not opt.next_step_needs_graph()
     opt.step(plain)                                   # a step that does not refresh the curvature needs no graph
-    assert not torch.equal(before, _flat(model))
+    assert not torch.equal(before, flat_params(model))
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(diagonal_case, set_to_none):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     twin = copy.deepcopy(model)
     make = diagonal_case.make
     a, b = make(model.parameters(), seed=5, update_each=2), make(twin.parameters(), seed=5, update_each=2)
@@ -102,11 +90,11 @@ def test_a_closure_returning_the_loss_is_differentiated_whatever_it_did_to_grad(
     for _ in range(3):
         a.step(lambda: F.cross_entropy(model(x), y))
         b.step(zeroing)
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=0)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-12, atol=0)
 
 
 def test_next_step_needs_graph_follows_update_each_and_the_estimator(diagonal_case):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     opt = diagonal_case.make(model.parameters(), update_each=3)
     seen = []
     for _ in range(7):
@@ -118,7 +106,7 @@ def test_next_step_needs_graph_follows_update_each_and_the_estimator(diagonal_ca
 
 
 def test_a_closure_returning_none_steps_on_grad_and_is_refused_without_one(diagonal_case):
-    model, x, y = _model_and_data()
+    model, x, y = small_classifier()
     twin = copy.deepcopy(model)
     a, b = diagonal_case.make(model.parameters(), seed=5), diagonal_case.make(twin.parameters(), seed=5)
     with pytest.raises(ValueError, match="NoneType"):
@@ -128,4 +116,4 @@ def test_a_closure_returning_none_steps_on_grad_and_is_refused_without_one(diago
         b.zero_grad(set_to_none=True)
         F.cross_entropy(twin(x), y).backward(create_graph=True)
         assert b.step(lambda: None) is None           # how Lightning steps manual optimization after backward
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-10, atol=1e-12)
