@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
+from _common import adam_pretrain, digits_cnn
 from torch import nn
 
 from curvkit.attacks import trust_region
@@ -66,13 +66,7 @@ def relu_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
-    )
+cnn = digits_cnn
 
 
 def tanh_mlp() -> nn.Module:
@@ -85,16 +79,7 @@ SECOND_ORDER = {"MLP 64-32-10 tanh"}
 
 def train(factory: Callable[[], nn.Module], data, epochs: int = 40, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = factory()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    X, y = data
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return adam_pretrain(factory(), data, epochs, seed)
 
 
 class Counted(nn.Module):

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
+from _common import Report
 from torch import nn
 
 from curvkit.compress import prune_weights, recalibrate_bn
@@ -144,29 +145,6 @@ def mean_std(values: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.1f}"
     return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f}"
-
-
-class Report:
-    """Markdown tables printed as they come and again, with the targets, at the end."""
-
-    def __init__(self):
-        self.tables: list[str] = []
-        self.targets: list[str] = []
-
-    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
-        lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        self.tables.append("\n".join(lines))
-        print(self.tables[-1], flush=True)
-
-    def target(self, text: str, met: bool, figure: str) -> None:
-        self.targets.append(f"- {text}: {figure} **{'met' if met else 'NOT MET'}**")
-
-    def print_all(self) -> None:
-        print("\n\n## Summary")
-        print("\n".join(self.tables))
-        print("\n### Targets\n")
-        print("\n".join(self.targets))
 
 
 def train(method: Method, data, epochs: int, seed: int, lr: float, rho: float) -> nn.Module:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import adam_pretrain
 from scipy.sparse.linalg import eigsh
 from scipy.stats import wasserstein_distance
 from torch import nn
@@ -117,19 +118,6 @@ class Problem:
         return self.dense.shape[0]
 
 
-def train(model: nn.Module, data, epochs: int, seed: int = 0) -> nn.Module:
-    """A few epochs of Adam, so the Hessian is not that of a random initialisation."""
-    X, y = data
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def dense_hessian(model: nn.Module, loss: nn.Module, batch, chunk: int = 128) -> torch.Tensor:
     """The exact Hessian in float64, column blocks of vmapped forward-over-reverse products."""
     model64 = copy.deepcopy(model).double().eval()
@@ -155,7 +143,7 @@ def dense_hessian(model: nn.Module, loss: nn.Module, batch, chunk: int = 128) ->
 def make_problem(name: str, factory: Callable[[], nn.Module], epochs: int, batch_size: int = 512) -> Problem:
     torch.manual_seed(0)
     (X, y), _ = load_digits_tensors(seed=0)
-    model = train(factory(), (X, y), epochs)
+    model = adam_pretrain(factory(), (X, y), epochs)
     for p in model.parameters():
         p.grad = None
     batch = (X[:batch_size], y[:batch_size])

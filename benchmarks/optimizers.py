@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
+from _common import Report as _Report
+from _common import digits_cnn
 from torch import nn
 
 from curvkit.datasets import load_digits_tensors
@@ -76,13 +78,7 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
-    )
+cnn = digits_cnn
 
 
 MODELS = {"MLP 64-32-10 tanh": mlp, "CNN conv8-conv16-avgpool-linear": cnn}
@@ -211,32 +207,13 @@ def mean_std(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-class Report:
-    """Markdown tables printed as they come and again, with the targets, at the end."""
-
-    def __init__(self):
-        self.tables: list[str] = []
-        self.targets: list[str] = []
-
-    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
-        lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        self.tables.append("\n".join(lines))
-        print(self.tables[-1], flush=True)
+class Report(_Report):
+    """The shared report, with targets given as a value and the limit it must not exceed."""
 
     def target(self, text: str, value: float, limit: float) -> None:
         met = "met" if value <= limit else "NOT MET"
         verdict = "n/a (a step failed)" if math.isnan(value) else f"{value:.2f} **{met}**"
         self.targets.append(f"- {text} <= {limit:g}: {verdict}")
-
-    def note(self, line: str) -> None:
-        self.targets.append(line)
-
-    def print_all(self) -> None:
-        print("\n\n## Summary")
-        print("\n".join(self.tables))
-        print("\n### Targets\n")
-        print("\n".join(self.targets))
 
 
 # --------------------------------------------------------------------------------------------- 1. accuracy
