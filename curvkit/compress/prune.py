@@ -125,6 +125,7 @@ class Implanted(nn.Module):
         nn.init.zeros_(self.implant.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output with the implant's output added to its pruned channels."""
         out = self.layer(x)
         extra = self.implant(x)
         if extra.shape[2:] != out.shape[2:]:  # a kernel without padding shrinks the map; crop the 1x1 path
@@ -149,6 +150,8 @@ def prune_channels(model: nn.Module, loss_fn: Any, data: Any, amount: float = 0.
     ``pruned.pruning_table``; non-Linear/Conv modules are listed in ``pruned.pruning_skipped``.
     ``scores`` (from :func:`channel_scores`) reuses importances across several amounts.
 
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     >>> pmodel = prune_channels(model, F.cross_entropy, (x, y), amount=0.5, method="hessian")
     """
     if not 0 <= amount < 1:

@@ -55,6 +55,7 @@ def perturbation(model: nn.Module, bits: Any = (2, 4, 8)) -> pd.DataFrame:
 def quantize(model: nn.Module, bits: dict[str, int]) -> nn.Module:
     """A copy of ``model`` whose listed layers have fake-quantized weights; the original is untouched.
 
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> qmodel = quantize(model, {"0": 4, "2": 8})
     """
     layers, _ = weight_layers(model)
@@ -134,6 +135,10 @@ def mixed_precision(model: nn.Module, sens: pd.DataFrame, bits: Any = (2, 4, 8),
     layers feeding one residual add). ``frontier=N`` also solves N budgets from all-lowest to
     all-highest bits and returns the Pareto frontier (``res.frontier``, ``res.plot_frontier()``).
 
+    >>> from curvkit.compress import sensitivity
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> sens = sensitivity(model, F.cross_entropy, (x, y), seed=0)
     >>> res = mixed_precision(model, sens, bits=(2, 4, 8), max_weight_bits=4 * sens.n_params.sum())
     >>> qmodel = quantize(model, res.bits)
     """

@@ -75,8 +75,11 @@ def sensitivity(model: nn.Module, loss_fn: Any, data: Any, granularity: str = "l
     weight blocks only for layers, of weight[c] and bias[c] for channels. Other modules with parameters
     are listed in ``df.attrs["skipped"]``.
 
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     >>> sens = sensitivity(model, F.cross_entropy, (x, y), granularity="layer", seed=0)
-    >>> sens.sort_values("mean_eig")
+    >>> sens[["module", "n_params"]].values.tolist()
+    [['0', 32], ['2', 24]]
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -51,9 +51,14 @@ def input_hvp(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: 
     blocks) times v. With ``return_grad=True`` also returns the gradients :math:`\partial \ell_i / \partial x_i`.
     The model is never mutated; Dropout active in train mode is refused.
 
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> v = torch.randn(64, 4)
     >>> hv = input_hvp(model, F.cross_entropy, x, y, v)
     >>> hv, g = input_hvp(model, F.cross_entropy, x, y, v, return_grad=True)
     >>> curvature = (v * hv).flatten(1).sum(1)  # v_i^T H_i v_i per example
+    >>> curvature.shape
+    torch.Size([64])
     """
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() == 0:
         raise TypeError("inputs must be a floating-point tensor with a leading batch dimension (the Hessian w.r.t. "
