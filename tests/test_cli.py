@@ -6,12 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import curvkit
 from curvkit.cli import COMMANDS
 
-ENV = {**os.environ, "CURVKIT_KERNELS": "0"}   # the commands below need no kernels
+# the commands below need no kernels; the console script imports the curvkit under test (this checkout)
+ENV = {**os.environ, "CURVKIT_KERNELS": "0", "PYTHONPATH": str(Path(curvkit.__file__).parents[1])}
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     group.add_argument("--seed", type=int, default=0, help="seeds every random probe and direction (default 0)")
     group.add_argument("--out", default="curvkit-report", metavar="DIR",
-                       help="folder for the figures, tables and summary.json (default: curvkit-report)")
+                       help="folder for the figures, tables and summary.json, which keeps one entry per command "
+                            "(default: curvkit-report)")
 
 
 def _positive_int(text: str) -> int:

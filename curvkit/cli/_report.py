@@ -1,9 +1,15 @@
-"""The output folder of an analysis command: PNG figures, CSV tables and ``summary.json``."""
+"""The output folder of the analysis commands: PNG figures, CSV tables and ``summary.json``.
+
+Every command's files have their own names, so several commands can share one ``--out`` folder;
+``summary.json`` holds one entry per command that wrote there (``{"spectrum": {...}, "layers": {...}}``),
+and running a command again replaces its entry.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,19 +18,44 @@ if TYPE_CHECKING:
 
 
 class Report:
-    """Writes a command's files into ``out`` (created on construction, so a bad folder fails before any work).
+    """Writes a command's files into ``out``.
+
+    The folder is created, and a ``summary.json`` in it checked, on construction, so that a bad ``--out``
+    fails before any work.
 
     Args:
         out: the output folder.
+        command: the command whose entry of ``summary.json`` this report writes.
+
+    Raises:
+        CommandError: ``out/summary.json`` exists but was not written by curvkit.
     """
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, command: str):
         import matplotlib
 
         matplotlib.use("Agg")  # figures are files: no display needed
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.command = command
         self.files: list[str] = []
+        self._summaries()
+
+    def _summaries(self) -> dict[str, Any]:
+        """The entries already in ``summary.json`` (none if there is no such file)."""
+        from . import COMMANDS
+        from ._loading import CommandError
+
+        path = self.out / "summary.json"
+        if not path.exists():
+            return {}
+        try:
+            entries = json.loads(path.read_text())
+        except ValueError:
+            entries = None
+        if not (isinstance(entries, dict) and set(entries) <= set(COMMANDS)):
+            raise CommandError(f"{path} exists and was not written by curvkit; choose another --out or move it")
+        return entries
 
     def _path(self, name: str) -> Path:
         self.files.append(name)
@@ -42,14 +73,18 @@ class Report:
         df.to_csv(self._path(name), index=False)
 
     def summary(self, results: dict[str, Any]) -> Path:
-        """Write ``summary.json``: ``results`` plus the list of files written.
+        """Write this command's entry of ``summary.json``: ``results`` plus the files it wrote.
+
+        The file is replaced in one step (written beside it, then renamed), keeping the other commands' entries.
 
         Returns:
             The path of ``summary.json``.
         """
         path = self._path("summary.json")
-        text = json.dumps(_plain({**results, "files": self.files}), indent=2, allow_nan=False)
-        path.write_text(text + "\n")
+        entries = {**self._summaries(), self.command: {**results, "files": self.files}}
+        staging = path.with_name(f".summary.json.{os.getpid()}")
+        staging.write_text(json.dumps(_plain(entries), indent=2, allow_nan=False) + "\n")
+        os.replace(staging, path)
         return path
 
     def announce(self) -> str:

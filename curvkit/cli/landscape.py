@@ -12,8 +12,9 @@ restricted to ``--params`` when given. The grid spans ``[-SPAN, SPAN]`` in both 
 is never moved (every point is evaluated on copies of the weights).
 
 Writes ``landscape_1d.png`` / ``.csv`` (each direction on its own, 4x finer), ``landscape_2d.png``
-(contours, log scale for a positive loss) / ``.csv`` (x, y, loss) and ``summary.json`` (the loss at the
-weights, its range on the grid, the curvature u^T H u / u^T u along each direction, ``seconds``).
+(contours, log scale for a positive loss) / ``.csv`` (x, y, loss) and the ``landscape`` entry of
+``summary.json`` (the loss at the weights, its range on the grid, the curvature u^T H u / u^T u along each
+direction, ``seconds``).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.steps < 2 or not args.span > 0:
         raise CommandError(f"--steps must be at least 2 and --span positive, got {args.steps} and {args.span}")
+    report = Report(args.out, "landscape")
     inputs = load(args)
-    report = Report(args.out)
     start = time.perf_counter()
     directions = _directions(args, inputs)
     curvature = _curvatures(inputs, directions)
@@ -97,9 +98,9 @@ def main(args: argparse.Namespace) -> int:
                            **grid_kwargs)
     seconds = time.perf_counter() - start
 
-    kind = "top Hessian eigenvector" if args.directions == "eigen" else "random direction (filter-normalised)"
-    names = [f"{'1st' if i == 0 else '2nd'} {kind}" + ("" if c is None else f", curvature {c:.3g}")
-             for i, c in enumerate(curvature)]
+    kinds = (["top Hessian eigenvector", "2nd Hessian eigenvector"] if args.directions == "eigen"
+             else [f"random direction {i} (filter-normalised)" for i in (1, 2)])
+    names = [kind + ("" if c is None else f", curvature {c:.3g}") for kind, c in zip(kinds, curvature)]
     centre = float(lines[0].loss[len(lines[0].x) // 2])  # x = 0: an odd number of points over [-span, span]
     fig, ax = plt.subplots(figsize=(6, 4))
     for line, name in zip(lines, names):

@@ -10,8 +10,8 @@ trace (Hutchinson on shared probes until every block's relative standard error r
 its standard error, the block's top eigenvalue (lock-step Lanczos) and the mean eigenvalue
 trace / n_params.
 
-Writes ``layers.csv``, ``layers.png`` (trace with error bars and top eigenvalue per layer) and
-``summary.json``.
+Writes ``layers.csv``, ``layers.png`` (trace with error bars and top eigenvalue per layer) and the
+``layers`` entry of ``summary.json``.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def main(args: argparse.Namespace) -> int:
     """
     from ..hessian import layerwise
 
+    report = Report(args.out, "layers")
     inputs = load(args)
-    report = Report(args.out)
     start = time.perf_counter()
     df = layerwise(inputs.model, inputs.loss_fn, inputs.data, stats=("trace", "top_eig"), by=args.by,
                    seed=args.seed, rtol=args.rtol, max_matvecs=args.max_matvecs,

@@ -14,8 +14,8 @@ whose weight it selects. At layer granularity the exact HAWQ-v3 assignment for a
 budgets are solved too (``mixed_precision(model, sens, bits, max_weight_bits=AVG_BITS * n, frontier=N)``).
 
 Writes ``sensitivity.csv``, ``sensitivity.png`` (bars with error bars), and for layers
-``mixed_precision.csv`` (bits per layer), ``frontier.csv`` and ``mixed_precision_frontier.png``, and
-``summary.json``.
+``mixed_precision.csv`` (bits per layer), ``frontier.csv`` and ``mixed_precision_frontier.png``, and the
+``sensitivity`` entry of ``summary.json``.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.granularity == "channel" and args.avg_bits is not None:
         raise CommandError("--avg-bits needs --granularity layer: mixed precision assigns bits per layer")
+    report = Report(args.out, "sensitivity")
     inputs = load(args)
-    report = Report(args.out)
     _freeze_unselected(inputs)
     start = time.perf_counter()
     sens = sensitivity(inputs.model, inputs.loss_fn, inputs.data, granularity=args.granularity, rtol=args.rtol,

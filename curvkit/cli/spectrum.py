@@ -12,8 +12,9 @@ The numbers are those of the Python API on the same model, data and seed::
     density(H, n_probes=PROBES, n_iter=ITERS, seed=SEED)
 
 Writes ``density.png`` (the smoothed spectral density, log scale), ``eigenvalues.csv`` (rank, eigenvalue,
-residual) and ``summary.json`` (``top_eigenvalues``, ``residuals``, ``converged``, ``trace`` with
-``estimate``/``stderr``/``ci95``, ``n_params``, ``matvecs``, ``seconds`` and what the run was given).
+residual) and the ``spectrum`` entry of ``summary.json`` (``top_eigenvalues``, ``residuals``, ``converged``,
+``trace`` with ``estimate``/``stderr``/``ci95``, ``n_params``, ``matvecs``, ``seconds`` and, under ``run``, what
+the run was given).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def main(args: argparse.Namespace) -> int:
 
     from ..hessian import build_operator, density, eigenvalues, trace
 
+    report = Report(args.out, "spectrum")
     inputs = load(args)
-    report = Report(args.out)
     start = time.perf_counter()
     H = build_operator(args.operator, inputs.model, inputs.loss_fn, inputs.data, **inputs.operator_kwargs)
     print(f"{NAMES[args.operator]} of the {args.loss} loss over {inputs.n_samples} samples in "

@@ -23,14 +23,14 @@ def _png(path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, f"{path.name} is not a real figure"
 
 
-def _summary(out) -> dict:
-    return json.loads((out / "summary.json").read_text())
+def _summary(out, command: str) -> dict:
+    return json.loads((out / "summary.json").read_text())[command]
 
 
 def test_spectrum_reports_the_api_numbers_and_the_exact_spectrum(project, dense, tmp_path):
     out = tmp_path / "report"
     result = project.analyse("spectrum", str(out), "--probes", "3", "--iters", "20")
-    s = _summary(out)
+    s = _summary(out, "spectrum")
     assert set(s) >= {"top_eigenvalues", "residuals", "converged", "trace", "n_params", "matvecs", "seconds"}
     assert set(s["trace"]) >= {"estimate", "stderr", "ci95"} and s["n_params"] == 51 and s["seconds"] > 0
 
@@ -56,7 +56,7 @@ def test_spectrum_reports_the_api_numbers_and_the_exact_spectrum(project, dense,
 def test_landscape_along_eigenvectors_starts_at_the_loss_and_curves_by_the_eigenvalues(project, dense, tmp_path):
     out = tmp_path / "report"
     project.analyse("landscape", str(out), "--directions", "eigen", "--steps", "5", "--span", "2")
-    s = _summary(out)
+    s = _summary(out, "landscape")
     x, y = project.data.one_batch()
     with torch.no_grad():
         loss = float(F.cross_entropy(project.model()(x), y))
@@ -79,7 +79,7 @@ def test_landscape_along_eigenvectors_starts_at_the_loss_and_curves_by_the_eigen
 def test_landscape_with_params_moves_only_the_selected_block(project, dense, tmp_path):
     out = tmp_path / "report"
     project.analyse("landscape", str(out), "--steps", "3", "--params", "2.*", "--seed", "7")
-    s = _summary(out)
+    s = _summary(out, "landscape")
     model = project.model()
     for seed, curvature in zip((7, 8), s["curvature"]):
         d = random_direction(model, seed=seed)
@@ -99,7 +99,7 @@ def test_sensitivity_table_matches_the_api_and_the_exact_traces(project, dense, 
     api = sensitivity(model, F.cross_entropy, project.data.batches(), granularity=granularity, seed=0)
     np.testing.assert_allclose(table["trace"], api["trace"], rtol=1e-6)
     _png(out / "sensitivity.png")
-    s = _summary(out)
+    s = _summary(out, "sensitivity")
     if granularity == "layer":
         for row in table.itertuples():
             exact = float(dense[WEIGHTS[row.module], WEIGHTS[row.module]].diagonal().sum())
@@ -123,7 +123,7 @@ def test_layers_traces_and_top_eigenvalues_match_the_dense_blocks(project, dense
         block = dense[BLOCKS[row.module], BLOCKS[row.module]]
         assert abs(row.trace - float(block.diagonal().sum())) <= 4 * row.trace_stderr
         assert row.top_eig == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-2)
-    s = _summary(out)
+    s = _summary(out, "layers")
     assert [r["module"] for r in s["rows"]] == ["0", "2"] and s["matvecs"] > 0
     _png(out / "layers.png")
     assert "top eigenvalue" in result.stdout
