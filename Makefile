@@ -23,7 +23,7 @@ bench: install
 	$(PYTHON) benchmarks/scale_and_landscape.py
 
 lint: install
-	$(PYTHON) -m ruff check curvkit tests benchmarks
+	$(PYTHON) -m ruff check curvkit tests benchmarks docs
 
 # The documentation site (mkdocs.yml, docs/hooks.py) into site/; --strict makes every warning (a broken
 # docstring, a dead link) an error.
