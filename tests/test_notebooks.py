@@ -28,7 +28,7 @@ def _code_cells(nb) -> list:
 def test_notebook_runs_and_shows_its_figures(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     env = {**os.environ, "PYTHONPATH": str(Path(curvkit.__file__).parents[1]), "OMP_NUM_THREADS": "1",
-           "CURVKIT_KERNELS": "0"}
+           "CURVKIT_KERNELS": "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}  # CI exports Agg
     client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)  # a failing cell raises CellExecutionError with its traceback
     outputs = [o for c in _code_cells(nb) for o in c.outputs]

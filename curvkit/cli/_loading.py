@@ -245,10 +245,14 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f"it would import {found.group(1)}" if found else "it holds objects other than tensors"
-        raise CommandError(f"--weights {path}: refused: {what} when unpickled, which can run code; save only the "
-                           "weights with torch.save(model.state_dict(), path)") from exc
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # whatever a pickle calls on loading, it must import first: the import was refused
+            raise CommandError(f"--weights {path}: refused: it would import {found.group(1)} when unpickled, which "
+                               "can run code; save only the weights with torch.save(model.state_dict(), path)") from exc
+        detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.DOTALL)
+        reason = " ".join((detail.group(1) if detail else str(exc)).split())
+        raise CommandError(f"--weights {path}: not a state_dict file written by torch.save (unpickling with "
+                           f"weights_only=True stopped: {reason})") from exc
     except Exception as exc:
         raise CommandError(f"--weights {path}: not a file written by torch.save ({_one_line(exc)})") from exc
     if not (isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())):

@@ -82,6 +82,14 @@ def test_loading_errors(project, monkeypatch, capsys, tmp_path, argv, expected):
     assert "(--debug shows the traceback)" in line
 
 
+def test_a_weights_file_that_torch_did_not_write_is_named_as_such(project, monkeypatch, capsys, tmp_path):
+    (tmp_path / "notes.pt").write_text("not weights")
+    monkeypatch.chdir(project.root)
+    assert main(["spectrum", *MODEL, "--weights", str(tmp_path / "notes.pt"), *DATA]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "not a state_dict file written by torch.save" in line and "refused" not in line
+
+
 def test_a_weights_file_with_a_module_prefix_says_how_to_save_it(project, monkeypatch, capsys, tmp_path):
     state = {f"module.{k}": v for k, v in project.model().state_dict().items()}
     torch.save(state, tmp_path / "ddp.pt")
