@@ -115,14 +115,20 @@ def _plot_channels(sens: pd.DataFrame, loss: str):
     return fig
 
 
-def _mixed_precision(args: argparse.Namespace, inputs: Inputs, sens: pd.DataFrame, report: Report) -> dict:
-    from ..compress import mixed_precision
-
+def _avg_bits(args: argparse.Namespace) -> float:
+    """The mixed-precision budget in bits per weight: ``--avg-bits``, else the middle of ``--bits``."""
     bits = args.bits
     avg = bits[len(bits) // 2] if args.avg_bits is None else args.avg_bits
     if not bits[0] <= avg:
         raise CommandError(f"--avg-bits {avg:g} is below the smallest of --bits {','.join(map(str, bits))}: "
                            "no assignment fits; raise --avg-bits or add a smaller width")
+    return avg
+
+
+def _mixed_precision(args: argparse.Namespace, inputs: Inputs, sens: pd.DataFrame, report: Report) -> dict:
+    from ..compress import mixed_precision
+
+    bits, avg = args.bits, _avg_bits(args)
     n = int(sens["n_params"].sum())
     res = mixed_precision(inputs.model, sens, bits=bits, max_weight_bits=avg * n, frontier=args.frontier)
     report.table(res.table, "mixed_precision.csv")
@@ -149,6 +155,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.granularity == "channel" and args.avg_bits is not None:
         raise CommandError("--avg-bits needs --granularity layer: mixed precision assigns bits per layer")
+    if args.granularity == "layer":
+        _avg_bits(args)  # a budget no assignment fits fails before the work
     report = Report(args.out, "sensitivity")
     inputs = load(args)
     _freeze_unselected(inputs)

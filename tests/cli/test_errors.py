@@ -106,5 +106,7 @@ def test_argument_errors_are_usage_errors(project, monkeypatch, capsys):
     assert exit_.value.code == 2 and "expected bit widths separated by commas" in capsys.readouterr().err
     assert main(["sensitivity", *MODEL, *DATA, "--granularity", "channel", "--avg-bits", "4"]) == 1
     assert "--avg-bits needs --granularity layer" in _one_line(capsys.readouterr().err, "sensitivity")
+    assert main(["sensitivity", *MODEL, *DATA, "--bits", "2,4,8", "--avg-bits", "1"]) == 1
+    assert "--avg-bits 1 is below the smallest of --bits 2,4,8" in _one_line(capsys.readouterr().err, "sensitivity")
     assert main(["landscape", *MODEL, *DATA, "--steps", "1"]) == 1
     assert "--steps must be at least 2" in _one_line(capsys.readouterr().err, "landscape")
