@@ -40,7 +40,11 @@ class CommandError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options every analysis command takes (model, weights, data, loss, device, seed, output)."""
+    """Add the options every analysis command takes (model, weights, data, loss, device, seed, output).
+
+    Args:
+        parser: an analysis command's subparser.
+    """
     group = parser.add_argument_group("your model and data")
     group.add_argument("--model", required=True, metavar="MODULE:NAME",
                        help="a function returning your nn.Module (called with no arguments), or an nn.Module object")

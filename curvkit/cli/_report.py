@@ -62,20 +62,33 @@ class Report:
         return self.out / name
 
     def figure(self, fig: Any, name: str) -> None:
-        """Save a matplotlib Figure as ``name`` (PNG) and close it."""
+        """Save a matplotlib Figure as ``name`` (PNG) and close it.
+
+        Args:
+            fig: the figure.
+            name: its file name in the folder.
+        """
         import matplotlib.pyplot as plt
 
         fig.savefig(self._path(name), dpi=120, bbox_inches="tight")
         plt.close(fig)
 
     def table(self, df: pd.DataFrame, name: str) -> None:
-        """Save a DataFrame as ``name`` (CSV, no index)."""
+        """Save a DataFrame as ``name`` (CSV, no index).
+
+        Args:
+            df: the table.
+            name: its file name in the folder.
+        """
         df.to_csv(self._path(name), index=False)
 
     def summary(self, results: dict[str, Any]) -> Path:
         """Write this command's entry of ``summary.json``: ``results`` plus the files it wrote.
 
         The file is replaced in one step (written beside it, then renamed), keeping the other commands' entries.
+
+        Args:
+            results: this command's results (numbers, lists, dicts; numpy/torch values are converted).
 
         Returns:
             The path of ``summary.json``.

@@ -33,7 +33,11 @@ HELP = "the loss around your trained weights along two directions (random or top
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """Add the landscape command's options to its subcommand parser."""
+    """Add the landscape command's options to its subcommand parser.
+
+    Args:
+        parser: the ``curvkit landscape`` subparser.
+    """
     add_arguments(parser)
     group = parser.add_argument_group("landscape")
     group.add_argument("--directions", choices=("random", "eigen"), default="random",
@@ -73,6 +77,9 @@ def _curvatures(inputs: Inputs, directions: list[dict[str, torch.Tensor]]) -> li
 
 def main(args: argparse.Namespace) -> int:
     """Run the landscape command with the parsed options.
+
+    Args:
+        args: the options of :func:`register` and the shared ones of ``add_arguments``.
 
     Returns:
         0 (failures raise).

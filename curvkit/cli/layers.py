@@ -26,7 +26,11 @@ HELP = "per-layer Hessian trace (with error bars) and top eigenvalue of your mod
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """Add the layers command's options to its subcommand parser."""
+    """Add the layers command's options to its subcommand parser.
+
+    Args:
+        parser: the ``curvkit layers`` subparser.
+    """
     add_arguments(parser)
     group = parser.add_argument_group("layers")
     group.add_argument("--by", choices=("module", "parameter"), default="module",
@@ -61,6 +65,9 @@ def _plot(df, label: str, loss: str):
 
 def main(args: argparse.Namespace) -> int:
     """Run the layers command with the parsed options.
+
+    Args:
+        args: the options of :func:`register` and the shared ones of ``add_arguments``.
 
     Returns:
         0 (failures raise).

@@ -45,7 +45,11 @@ def _bits(text: str) -> tuple[int, ...]:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """Add the sensitivity command's options to its subcommand parser."""
+    """Add the sensitivity command's options to its subcommand parser.
+
+    Args:
+        parser: the ``curvkit sensitivity`` subparser.
+    """
     add_arguments(parser)
     group = parser.add_argument_group("sensitivity")
     group.add_argument("--granularity", choices=("layer", "channel"), default="layer",
@@ -147,6 +151,9 @@ def _mixed_precision(args: argparse.Namespace, inputs: Inputs, sens: pd.DataFram
 
 def main(args: argparse.Namespace) -> int:
     """Run the sensitivity command with the parsed options.
+
+    Args:
+        args: the options of :func:`register` and the shared ones of ``add_arguments``.
 
     Returns:
         0 (failures raise).

@@ -30,7 +30,11 @@ HELP = "top Hessian eigenvalues, the trace with its error bar, and the eigenvalu
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """Add the spectrum command's options to its subcommand parser."""
+    """Add the spectrum command's options to its subcommand parser.
+
+    Args:
+        parser: the ``curvkit spectrum`` subparser.
+    """
     add_arguments(parser)
     group = parser.add_argument_group("spectrum")
     group.add_argument("--top", type=int, default=5, help="how many of the largest eigenvalues (default 5)")
@@ -49,6 +53,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the spectrum command with the parsed options.
+
+    Args:
+        args: the options of :func:`register` and the shared ones of ``add_arguments``.
 
     Returns:
         0 (failures raise).
