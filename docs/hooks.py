@@ -100,14 +100,15 @@ def _api_page(name: str) -> str:
     return "\n".join(parts)
 
 
-def _cli_page() -> str:
+def _cli_page(pages: list[tuple[str, str, str]]) -> str:
     from curvkit import cli
 
     root = cli.parser()
     sub = next(a for a in root._actions if a.dest == "command")
+    guide = [f"; [{title}]({path}) shows what they write" for title, path, _ in pages
+             if title.lower().startswith("command line")]
     parts = ["# Command line", "", "`curvkit COMMAND ...`, or `python -m curvkit COMMAND ...`. The options of every "
-             "command, as `curvkit COMMAND --help` prints them; the README's "
-             "[command line section](guide/command-line-on-your-own-model.md) shows what they write.", ""]
+             f"command, as `curvkit COMMAND --help` prints them{guide[0] if guide else ''}.", ""]
     for name in cli.COMMANDS:
         help_text = sub.choices[name].format_help()
         parts += [f"## `curvkit {name}`", "", "```text", help_text.rstrip(), "```", ""]
@@ -132,7 +133,7 @@ def on_config(config):
 def on_files(files, config):
     """Add the generated pages and the notebooks."""
     home, pages = _readme()
-    generated = {"index.md": home, "cli.md": _cli_page(),
+    generated = {"index.md": home, "cli.md": _cli_page(pages),
                  "benchmarks.md": (ROOT / "BENCHMARKS.md").read_text()}
     generated.update({path: text for _, path, text in pages})
     generated.update({f"api/{name}.md": _api_page(name) for name in _api_modules()})

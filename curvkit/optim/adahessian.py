@@ -33,7 +33,7 @@ class AdaHessian(DiagonalCurvatureOptimizer):
     >>> loss = opt.step(lambda: F.cross_entropy(model(x), y))   # no backward in the closure
 
     Args:
-        params (Iterable[torch.Tensor] | Iterable[dict]): parameters or parameter groups.
+        params: parameters or parameter groups.
         lr: learning rate.
         betas: EMA factors of the gradient and of the squared curvature.
         eps: added to the denominator (positive; a tiny eps makes first steps explode).

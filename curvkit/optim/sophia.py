@@ -29,7 +29,7 @@ class Sophia(DiagonalCurvatureOptimizer):
     >>> loss = opt.step(lambda: (F.cross_entropy(logits := model(x), y), logits))    # SophiaG
 
     Args:
-        params (Iterable[torch.Tensor] | Iterable[dict]): parameters or parameter groups.
+        params: parameters or parameter groups.
         lr: learning rate (the largest move of a coordinate per step).
         betas: EMA factors of the gradient and of the curvature.
         rho: the curvature scale (positive).
