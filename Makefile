@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PIP = $(PYTHON) -m pip install -q -c $(CONSTRAINTS)
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test bench lint docs
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -23,4 +23,10 @@ bench: install
 	$(PYTHON) benchmarks/scale_and_landscape.py
 
 lint: install
-	$(PYTHON) -m ruff check curvkit tests benchmarks
+	$(PYTHON) -m ruff check curvkit tests benchmarks docs
+
+# The documentation site (mkdocs.yml, docs/hooks.py) into site/; --strict makes every warning (a broken
+# docstring, a dead link) an error.
+docs: install
+	$(PIP) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict

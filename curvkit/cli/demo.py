@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import SharpnessTracker, eigen_direction, landscape_2d
-from ..datasets import load_digits_tensors
-from ..hessian import HessianOperator, density, eigenvalues, trace
+if TYPE_CHECKING:  # the engine is imported when the demo runs, so that `curvkit --help` stays quick
+    from ..analysis import SharpnessTracker
 
 HELP = "train a small MLP on digits and analyse its Hessian"
 
@@ -57,6 +57,10 @@ def run(out: str | Path = "curvkit-demo", seconds: float = 3.0, seed: int = 0) -
         The paths written, by figure.
     """
     import matplotlib
+
+    from ..analysis import eigen_direction, landscape_2d
+    from ..datasets import load_digits_tensors
+    from ..hessian import HessianOperator, density, eigenvalues, trace
 
     matplotlib.use("Agg")
     out = Path(out)
@@ -106,6 +110,8 @@ def run(out: str | Path = "curvkit-demo", seconds: float = 3.0, seed: int = 0) -
 
 def edge_of_stability(train, lr: float = 2.0, steps: int = 1000, seed: int = 0) -> SharpnessTracker:
     """Full-batch GD with MSE on 500 digits: sharpness rises to 2/lr and hovers there (Cohen et al. 2021)."""
+    from ..analysis import SharpnessTracker
+
     X, y = train[0][:500], F.one_hot(train[1][:500], 10).float()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)).float()

@@ -1,11 +1,12 @@
 """Build and load csrc/ as torch operators (``torch.ops.curvkit``): JIT with ninja at first use, cached.
 
 Two shared libraries: ``curvkit_kernels_cpu`` (defines the ops, CPU kernels) and, only where
-``torch.cuda.is_available()``, ``curvkit_kernels_cuda`` (CUDA kernels, built by nvcc). They are built
-once per torch version into ``$CURVKIT_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/curvkit``, else
-``~/.cache/curvkit``, and later processes only load them (ninja rebuilds when a source changes).
-A build that fails is reported by one warning per library and process; callers then use the
-pure-PyTorch references. ``CURVKIT_KERNELS=0`` turns the kernels off without a warning.
+``torch.cuda.is_available()``, ``curvkit_kernels_cuda`` (CUDA kernels, built by nvcc), from the sources
+that ship in the package (``curvkit/csrc``). They are built once per torch version into
+``$CURVKIT_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/curvkit``, else ``~/.cache/curvkit``, and later
+processes only load them (ninja rebuilds when a source changes). A build that fails is reported by
+one warning per library and process; callers then use the pure-PyTorch references. ``CURVKIT_KERNELS=0``
+turns the kernels off without a warning.
 
     python -m curvkit.kernels build     # ahead of time (prints where and how long)
 """
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+# The kernel sources ship inside the package (curvkit/csrc; in a source checkout a link to the top-level csrc/),
+# so an installed wheel builds its kernels as a checkout does. Resolved, so a checkout keeps its build cache.
+SOURCE_DIR = (Path(__file__).resolve().parents[1] / "csrc").resolve()
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 CUDA_CFLAGS = ["-O3"]
 LIBRARIES = ("cpu", "cuda")
@@ -53,8 +56,8 @@ def _compile(kind: str, verbose: bool) -> None:
 
     source = SOURCE_DIR / ("curvkit_kernels.cpp" if kind == "cpu" else "curvkit_kernels.cu")
     if not source.is_file():
-        raise FileNotFoundError(f"{source} is missing: the kernels build from a source checkout of curvkit "
-                                "(pip install -e .)")
+        raise FileNotFoundError(f"{source} is missing: this curvkit was installed without its kernel sources; "
+                                "reinstall it (pip install curvkit, or pip install . from a checkout)")
     cpp_extension.verify_ninja_availability()
     directory = build_dir(kind)
     directory.mkdir(parents=True, exist_ok=True)
