@@ -47,5 +47,6 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 def test_there_are_notebooks():
-    assert {"adahessian_swap_in", "landscape_and_spectrum", "sensitivity_for_compression", "cram_train_once_prune_later",
-            "adversarial_examples_from_curvature", "newton_cg_and_local_newton"} <= set(IDS)
+    assert {"adahessian_swap_in", "landscape_and_spectrum", "sensitivity_for_compression",
+            "cram_train_once_prune_later", "adversarial_examples_from_curvature",
+            "newton_cg_and_local_newton"} <= set(IDS)
