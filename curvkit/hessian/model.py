@@ -166,9 +166,13 @@ class ModelOperator(CurvatureOperator):
 
     def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
                               ) -> torch.Tensor:
-        """Central-difference approximations of the products with ``rows`` (k, n) on one batch, as (k, n)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define _difference_quotients, so it cannot be "
-                                  "checked against finite differences; define it (see HessianOperator)")
+        """Central-difference approximations of the products with ``rows`` (k, n) on one batch, as (k, n).
+
+        Raises:
+            TypeError: the subclass defines no finite-difference reference, so ``check`` cannot run on it.
+        """
+        raise TypeError(f"{type(self).__name__} does not define _difference_quotients, so it cannot be "
+                        "checked against finite differences; define it (see HessianOperator)")
 
     def finite_differences(self, V: torch.Tensor, rel_step: float) -> torch.Tensor:
         r"""Approximations of the products with the columns of ``V`` from first derivatives only.
