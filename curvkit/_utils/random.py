@@ -21,6 +21,8 @@ def make_generator(seed: Seed, shared: bool = False) -> torch.Generator:
     gen = torch.Generator()
     if seed is None and shared:
         entropy = torch.randint(0, 2**62, (1,), generator=make_generator(None))
+        if torch.distributed.get_backend() == "nccl":  # NCCL broadcasts CUDA tensors only
+            entropy = entropy.to(f"cuda:{torch.cuda.current_device()}")
         torch.distributed.broadcast(entropy, src=0)
         gen.manual_seed(int(entropy))
     elif seed is None:
