@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--loss", default="cross_entropy", metavar="NAME",
                        help=f"{', '.join(LOSSES)} (default: cross_entropy), or MODULE:NAME of a function "
                             "loss(outputs, targets) -> scalar or an nn.Module loss class")
-    group.add_argument("--max-batches", type=_positive_int, metavar="N",
+    group.add_argument("--max-batches", type=positive_int, metavar="N",
                        help="use only the first N batches (kept in memory, so every pass sees the same ones)")
     group.add_argument("--params", nargs="+", metavar="GLOB",
                        help="analyse only the parameters whose names match these globs (e.g. 'fc.*' 'layer4.*')")
@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: curvkit-report)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1, or a usage error naming the value."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")

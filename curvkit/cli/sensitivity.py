@@ -24,7 +24,7 @@ import argparse
 import time
 from typing import TYPE_CHECKING
 
-from ._loading import CommandError, Inputs, add_arguments, describe, load
+from ._loading import CommandError, Inputs, add_arguments, describe, load, positive_int
 from ._report import Report
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                        help="candidate bit widths for mixed precision (default 2,4,8)")
     group.add_argument("--avg-bits", type=float, metavar="B",
                        help="average bits per weight of the mixed-precision budget (default: the middle of --bits)")
-    group.add_argument("--frontier", type=int, default=9, metavar="N",
+    group.add_argument("--frontier", type=positive_int, default=9, metavar="N",
                        help="budgets solved for the Pareto frontier (default 9)")
 
 

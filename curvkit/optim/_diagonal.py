@@ -308,9 +308,19 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                     raise ValueError("the closure must return the loss as a scalar tensor that requires grad, got "
                                      f"{type(loss).__name__}: return loss_fn(model(x), y), not loss.item() or None")
-                grads = torch.autograd.grad(loss, trainable,
-                                            create_graph=refresh and self._estimator.needs_graph,
-                                            retain_graph=True if logits_needed else None, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(loss, trainable,
+                                                create_graph=refresh and self._estimator.needs_graph,
+                                                retain_graph=True if logits_needed else None, allow_unused=True)
+                except RuntimeError as err:
+                    if not _grads_changed(trainable, marks):
+                        raise
+                    raise RuntimeError(
+                        "the closure called backward and returned the loss with its graph (the torch.optim closure "
+                        "convention). curvkit's curvature optimizers differentiate the loss themselves: return "
+                        "loss_fn(model(x), y) without calling backward, or, as training frameworks do, call "
+                        "loss.backward(create_graph=opt.next_step_needs_graph()) and return loss.detach()"
+                    ) from err
         if from_grad:
             return (None if loss is None else loss.detach(), *self._from_backward(params, refresh))
         live, grads = _drop_unused(trainable, grads)

@@ -110,3 +110,10 @@ def test_argument_errors_are_usage_errors(project, monkeypatch, capsys):
     assert "--avg-bits 1 is below the smallest of --bits 2,4,8" in _one_line(capsys.readouterr().err, "sensitivity")
     assert main(["landscape", *MODEL, *DATA, "--steps", "1"]) == 1
     assert "--steps must be at least 2" in _one_line(capsys.readouterr().err, "landscape")
+
+
+def test_a_frontier_below_one_is_a_usage_error_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sensitivity", "--model", "x:y", "--data", "x:z", "--frontier", "0"])
+    assert exit_info.value.code == 2
+    assert "--frontier: must be a positive integer, got 0" in capsys.readouterr().err

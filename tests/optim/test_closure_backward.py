@@ -117,3 +117,22 @@ def test_a_closure_returning_none_steps_on_grad_and_is_refused_without_one(diago
         F.cross_entropy(twin(x), y).backward(create_graph=True)
         assert b.step(lambda: None) is None           # how Lightning steps manual optimization after backward
     torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-10, atol=1e-12)
+
+
+def test_a_torch_style_closure_that_backwards_and_returns_the_graph_says_what_to_do(diagonal_case):
+    model, x, y = small_classifier()
+    opt = diagonal_case.make(model.parameters(), update_each=2)
+
+    def torch_style():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for refresh in (True, False):                         # a curvature step, then a plain one
+        assert opt.next_step_needs_graph() is refresh
+        before = flat_params(model)
+        with pytest.raises(RuntimeError, match=r"return loss_fn\(model\(x\), y\) without calling backward"):
+            opt.step(torch_style)
+        assert torch.equal(before, flat_params(model))
+        opt.step(lambda: F.cross_entropy(model(x), y))
