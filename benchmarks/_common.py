@@ -30,6 +30,17 @@ def adam_pretrain(model: nn.Module, data, epochs: int, seed: int = 0) -> nn.Modu
     return model.eval()
 
 
+def backward_step(model: nn.Module, opt: torch.optim.Optimizer):
+    """A training step ``step(x, y) -> loss`` of ``opt`` with a plain cross-entropy backward."""
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
+
+
 class Report:
     """Markdown tables printed as they come and again, with the targets, at the end."""
 

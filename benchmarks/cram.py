@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
-from _common import Report
+from _common import Report, backward_step
 from torch import nn
 
 from curvkit.compress import prune_weights, recalibrate_bn
@@ -100,14 +100,7 @@ class Method:
 def sgd(lr_scale: float = 1.0) -> Method:
     def build(model, lr, rho, seed):
         opt = torch.optim.SGD(model.parameters(), lr=lr * lr_scale, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return opt, step
+        return opt, backward_step(model, opt)
     return Method("SGD" if lr_scale == 1 else f"SGD {lr_scale:g}x lr", build)
 
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 from _common import Report as _Report
-from _common import digits_cnn
+from _common import backward_step, digits_cnn
 from torch import nn
 
 from curvkit.datasets import load_digits_tensors
@@ -89,16 +89,6 @@ MODELS = {"MLP 64-32-10 tanh": mlp, "CNN conv8-conv16-avgpool-linear": cnn}
 # How a step is driven: "backward" (first order), "closure" (curvkit: the optimizer differentiates),
 # "create_graph" (anchors: loss.backward(create_graph=True) then step()).
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def backward_step(model: nn.Module, opt) -> Step:
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return step
 
 
 def closure_step(model: nn.Module, opt) -> Step:

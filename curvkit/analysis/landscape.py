@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._utils.batches import as_batches, batch_size, to_device
+from .._utils.batches import as_batches, batch_size, empty_data_error, to_device
 from .._utils.borrow import BorrowedLoss
 from .._utils.progress import progress_bar
 from .directions import Direction
@@ -124,7 +124,7 @@ def evaluate_grid(model: nn.Module, loss_fn: Any, data: Any, directions: list[Di
                 total[start:start + len(c)] += batch_size(batch) * _losses(loss, leaves, batch_dev).double().cpu()
                 bar.update(len(c))
     if count == 0:
-        raise ValueError("data is empty: it yielded no batch or no samples")
+        raise empty_data_error()
     return (total / count).numpy()
 
 

@@ -51,8 +51,8 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def validate_common(lr, betas, weight_decay, update_each, n_samples, fused) -> None:
-    """Clear errors for the hyperparameters every curvature optimizer shares.
+def validate_group(lr, betas, weight_decay, fused) -> None:
+    """Clear errors for the per-group hyperparameters every curvature optimizer shares.
 
     Raises:
         ValueError: a hyperparameter out of range, with what it must be.
@@ -61,12 +61,21 @@ def validate_common(lr, betas, weight_decay, update_each, n_samples, fused) -> N
     _require(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
              f"betas must be two numbers in [0, 1), got {betas!r}")
     _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
+    _require(fused is None or isinstance(fused, bool),
+             f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
+
+
+def validate_common(lr, betas, weight_decay, update_each, n_samples, fused) -> None:
+    """Clear errors for the hyperparameters every curvature optimizer shares: per group, and the schedule.
+
+    Raises:
+        ValueError: a hyperparameter out of range, with what it must be.
+    """
+    validate_group(lr, betas, weight_decay, fused)
     _require(isinstance(update_each, int) and update_each >= 1,
              f"update_each must be a positive integer (curvature refreshed every that many steps), got {update_each!r}")
     _require(isinstance(n_samples, int) and n_samples >= 1,
              f"n_samples must be a positive integer, got {n_samples!r}")
-    _require(fused is None or isinstance(fused, bool),
-             f"fused must be None (compiled kernels where available), True (require them) or False, got {fused!r}")
 
 
 def _drop_unused(params: list[torch.Tensor], grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -127,15 +136,15 @@ class DiagonalCurvatureOptimizer(torch.optim.Optimizer, ABC):
         self._steps = 0
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group as ``torch.optim.Optimizer`` does, checking its ``fused`` setting.
+        """Add a group as ``torch.optim.Optimizer`` does, checking its shared hyperparameters and ``fused``.
 
         Raises:
-            ValueError: ``fused`` is not None/True/False.
+            ValueError: a hyperparameter out of range, or ``fused`` not None/True/False.
             RuntimeError: ``fused=True`` where the compiled kernels cannot run.
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        validate_common(group["lr"], group["betas"], group["weight_decay"], 1, 1, group["fused"])
+        validate_group(group["lr"], group["betas"], group["weight_decay"], group["fused"])
         if group["fused"]:
             for device in {p.device for p in group["params"]}:
                 kernels.use_kernels(device, fused=True)
