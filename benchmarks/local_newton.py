@@ -1,6 +1,7 @@
 """LocalNewton and GIANT (curvkit.optim) against local SGD and full-batch GD on 4 gloo workers.
 
     torchrun --nproc-per-node 4 benchmarks/local_newton.py [--quick] [--out benchmarks/figures]
+    python benchmarks/local_newton.py --floors-only [--workers 4]
 
 l2-regularised logistic regression (lambda 1e-3) on sklearn's digits (0-4 against 5-9; 1797 samples, 64 pixels
 scaled to [0, 1]) and on a synthetic 20,000 x 60 problem, each split into iid and label-skewed shards. Relative
@@ -10,6 +11,10 @@ against the workers' step time. Local compute per worker: Hessian-vector product
 evaluations in full-shard passes. Then a 64-32-10 tanh MLP on the 10-class digits (non-convex: training loss after
 a number of rounds), and single-process NewtonCG to 1e-9 on both convex problems. Rank 0 prints the tables and
 writes figures (loss against rounds and against time) to --out.
+
+Last, the floors (alone with --floors-only, in one process without torchrun): the same shards with every Newton
+system solved exactly in float64. Plain LocalNewton's fixed points (its stall level whatever the rounds), and the
+rounds that corrected LocalNewton and GIANT need when local solves are exact.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 
 from curvkit.datasets import load_digits_tensors
 from curvkit.optim import LocalNewton, NewtonCG
+from curvkit.optim.newton import STEP_SIZES, _armijo  # the optimizers' own step sizes and Armijo test
 
 LAM = 1e-3
 TARGETS = (1e-3, 1e-6, 1e-9)
 STOP = 1e-10
+FLOOR_BUDGETS = (24, 60)  # rounds for the floors' plain LocalNewton (it stalls) and for the converging methods
 
 
 class Rounds:
@@ -115,24 +122,50 @@ def mlp_loss(model, x, y, weight=1.0):
     return weight * F.cross_entropy(model(x), y) + 1e-4 / 2 * sum(p.square().sum() for p in model.parameters())
 
 
-def scipy_optimum(x, y) -> float:
-    """f* by scipy's trust-exact with exact gradients and Hessians (float64)."""
+def with_bias(x):
+    """x with a ones column appended: the flat parameters are [weight, bias]."""
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
+class Logistic:
+    """:func:`logistic_loss` in flat float64 parameters [weight, bias], with closed-form derivatives.
+
+    Args:
+        x: the features (n x d).
+        y: the labels in {0, 1}.
+        weight: multiplies the mean logistic loss (n_k W / N for a shard: the mean over shards is the data's).
+    """
+
+    def __init__(self, x, y, weight=1.0):
+        self.x, self.y, self.scale = with_bias(x), y, weight / len(y)
+
+    def value(self, t):
+        """The objective at t, a float."""
+        z = self.x @ t
+        return float(self.scale * (F.softplus(z) - self.y * z).sum() + LAM / 2 * t @ t)
+
+    def grad(self, t):
+        """The gradient at t."""
+        return self.scale * self.x.T @ (torch.sigmoid(self.x @ t) - self.y) + LAM * t
+
+    def hess(self, t):
+        """The Hessian at t."""
+        s = torch.sigmoid(self.x @ t)
+        return self.scale * (self.x.T * (s * (1 - s))) @ self.x + LAM * torch.eye(len(t), dtype=t.dtype)
+
+
+def scipy_optimum(x, y) -> tuple[float, torch.Tensor]:
+    """f* and the optimum (flat [weight, bias]) by scipy's trust-exact with exact gradients and Hessians (float64)."""
     from scipy.optimize import minimize
 
-    d = x.shape[1]
+    objective = Logistic(x, y)
 
-    def f(t):
-        z = x @ t[:d] + t[d]
-        return (F.softplus(z) - y * z).mean() + LAM / 2 * t @ t
+    def numpy(method):
+        return lambda theta: np.asarray(method(torch.from_numpy(theta)))
 
-    def value_and_grad(theta):
-        t = torch.tensor(theta, requires_grad=True)
-        value = f(t)
-        return float(value.detach()), torch.autograd.grad(value, t)[0].numpy()
-
-    res = minimize(value_and_grad, np.zeros(d + 1), jac=True, method="trust-exact", options={"gtol": 1e-13},
-                   hess=lambda theta: torch.autograd.functional.hessian(f, torch.tensor(theta)).numpy())
-    return float(res.fun)
+    res = minimize(numpy(objective.value), np.zeros(x.shape[1] + 1), jac=numpy(objective.grad),
+                   hess=numpy(objective.hess), method="trust-exact", options={"gtol": 1e-13})
+    return float(res.fun), torch.from_numpy(res.x)
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -257,11 +290,15 @@ def evaluate(loss) -> float:
 
 def smoothness(x) -> float:
     """An upper bound on the logistic loss's curvature: ||X~||^2 / (4 N) + LAM (X~: x with a ones column)."""
-    xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    return float(torch.linalg.matrix_norm(xt, ord=2) ** 2 / (4 * len(x))) + LAM
+    return float(torch.linalg.matrix_norm(with_bias(x), ord=2) ** 2 / (4 * len(x))) + LAM
 
 
 # ------------------------------------------------------------------------------------------ report
+
+
+def relative(trace: Trace, f_star):
+    """The trace's relative suboptimality (f - f*) / f* at each recorded model."""
+    return [(v - f_star) / f_star for v in trace.loss]
 
 
 def first(trace: Trace, values, threshold, attr="rounds"):
@@ -279,7 +316,7 @@ def convex_table(traces, f_star):
     rows = ["| method | rounds to 1e-3 | 1e-6 | 1e-9 | step time to 1e-6 (s) | HVPs/worker to 1e-6 | "
             "shard passes/worker to 1e-6 | best subopt (rounds run) |", "|" + "---|" * 8]
     for t in traces:
-        sub = [(v - f_star) / f_star for v in t.loss]
+        sub = relative(t, f_star)
         r = [first(t, sub, e) for e in TARGETS]
         rows.append(f"| {t.name} | {fmt(r[0])} | {fmt(r[1])} | {fmt(r[2])} | "
                     f"{fmt(first(t, sub, 1e-6, 'seconds'), 2)} | {fmt(first(t, sub, 1e-6, 'hvps'))} | "
@@ -320,6 +357,266 @@ def plot(traces, f_star, title, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ floors
+
+
+class Quadratic:
+    """The second-order Taylor model of an objective at a point (f, g and H frozen there).
+
+    Args:
+        objective: has ``value``, ``grad`` and ``hess`` of flat float64 parameters.
+        at: the expansion point.
+    """
+
+    def __init__(self, objective, at):
+        self.at, self.f0, self.g0, self.h = at, objective.value(at), objective.grad(at), objective.hess(at)
+
+    def value(self, t):
+        """The model at t, a float."""
+        d = t - self.at
+        return float(self.f0 + self.g0 @ d + d @ self.h @ d / 2)
+
+    def grad(self, t):
+        """The model's gradient at t."""
+        return self.g0 + self.h @ (t - self.at)
+
+    def hess(self, t):
+        """The model's (constant) Hessian."""
+        return self.h
+
+
+class Mean:
+    """The global objective f = (1/W) sum_k f_k of the shards' objectives.
+
+    Args:
+        shards: objectives with ``value``, ``grad`` and ``hess``.
+    """
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def value(self, t):
+        """f at t, a float."""
+        return sum(s.value(t) for s in self.shards) / len(self.shards)
+
+    def grad(self, t):
+        """The gradient of f at t."""
+        return torch.stack([s.grad(t) for s in self.shards]).mean(0)
+
+
+def armijo(phi, v, p, slope) -> float:
+    """The optimizers' step size along p: the first of their candidates passing their Armijo test on phi (or 0)."""
+    start, eps = phi(v), torch.finfo(torch.float64).eps
+    return next((t for t in STEP_SIZES if _armijo(phi(v + t * p), start, t, slope, eps)), 0.0)
+
+
+def newton(objective, start, linear=None, steps=None):
+    """Newton steps with exact directions and the optimizers' Armijo search on objective(v) - <linear, v>.
+
+    Args:
+        objective: has ``value``, ``grad`` and ``hess``.
+        start: the starting point.
+        linear: the linear term (None: 0).
+        steps: take this many steps (a LocalNewton phase with L = steps); None: run to the exact minimiser
+            (stop after a step shorter than 1e-10 (1 + |v|), which quadratic convergence leaves at rounding level).
+
+    Returns:
+        The end point and the smallest step size taken (1.0: only full Newton steps).
+
+    Raises:
+        RuntimeError: no convergence to the minimiser in 100 steps.
+    """
+    linear = torch.zeros_like(start) if linear is None else linear
+
+    def phi(v):
+        return objective.value(v) - float(linear @ v)
+
+    v, smallest = start, 1.0
+    for _ in range(100 if steps is None else steps):
+        g = objective.grad(v) - linear
+        p = -torch.linalg.solve(objective.hess(v), g)
+        t = armijo(phi, v, p, float(g @ p))
+        if t == 0 and steps is None:  # a decrease below phi's rounding: near enough for a full step to converge
+            t = 1.0
+        v, smallest = v + t * p, min(smallest, t)
+        if steps is None and float(p.norm()) <= 1e-10 * (1 + float(v.norm())):
+            return v, smallest
+    if steps is None:
+        raise RuntimeError("Newton's method did not reach the minimiser in 100 steps")
+    return v, smallest
+
+
+def phase(shards, w, steps, corrected):
+    """One idealised LocalNewton phase from the consensus model w, and its smallest local step size.
+
+    Args:
+        shards: the shards' objectives.
+        w: the consensus model.
+        steps: Newton steps per shard (L), None: exact local minimisers.
+        corrected: minimise f_k(v) - <g_k(w) - g(w), v> (the gradient correction) instead of f_k.
+
+    Returns:
+        The average of the shards' end points, and the smallest step size any of them took.
+    """
+    g = Mean(shards).grad(w) if corrected else None
+    ends = [newton(s, w, s.grad(w) - g if corrected else None, steps) for s in shards]
+    return torch.stack([v for v, _ in ends]).mean(0), min(t for _, t in ends)
+
+
+def giant_step(shards, w, search):
+    """One GIANT step with exact local solves: p = -mean_k H_k(w)^{-1} g(w), then w + t p.
+
+    Args:
+        shards: the shards' objectives.
+        w: the current model.
+        search: t = 1 (``"unit"``), NewtonCG's Armijo candidates (``"armijo"``) or the minimiser of f along p
+            (``"exact"``).
+
+    Returns:
+        The next model.
+    """
+    from scipy.optimize import minimize_scalar
+
+    f = Mean(shards)
+    g = f.grad(w)
+    p = -torch.stack([torch.linalg.solve(s.hess(w), g) for s in shards]).mean(0)
+    if search == "unit":
+        t = 1.0
+    elif search == "armijo":
+        t = armijo(f.value, w, p, float(g @ p))
+    else:
+        t = float(minimize_scalar(lambda t: f.value(w + t * p), bracket=(0.0, 1.0)).x)
+    return w + t * p
+
+
+def iterate(name, update, per_update, f, f_star, start, budget=FLOOR_BUDGETS[1]):
+    """Trace of an idealised method: f after each update (``per_update`` rounds each), up to ``budget`` rounds.
+
+    Args:
+        name: the trace's name.
+        update: the next consensus model from the current one.
+        per_update: communication rounds per update.
+        f: the global objective.
+        f_star: its optimum; the trace stops early at relative suboptimality STOP.
+        start: the first model.
+        budget: the most rounds.
+
+    Returns:
+        The trace (rounds and loss only) and the last model.
+    """
+    trace, w = Trace(name), start
+    while True:
+        trace.rounds.append(per_update * len(trace.loss))
+        trace.loss.append(f.value(w))
+        if trace.rounds[-1] + per_update > budget or trace.loss[-1] <= f_star * (1 + STOP):
+            return trace, w
+        w = update(w)
+
+
+def plain_fixed_point(shards, steps, start):
+    """The fixed point of plain LocalNewton with exact Newton steps, L = steps (None: L -> infinity).
+
+    L -> infinity: the average of the shards' exact minimisers, reached in one phase from anywhere. Finite L:
+    the root of phase(w) - w by scipy's ``root``, from ``start`` (for L = 1 with full steps:
+    mean_k H_k(w)^{-1} g_k(w) = 0).
+
+    Args:
+        shards: the shards' objectives.
+        steps: L, or None.
+        start: where the root search starts (a model near the fixed point).
+
+    Returns:
+        The fixed point, its residual |phase(w) - w| (local solves restarted from w itself), and whether every
+        local step there is a full Newton step (else Armijo's shorter steps define it).
+
+    Raises:
+        AssertionError: the residual is not at rounding level.
+    """
+    from scipy.optimize import root
+
+    if steps is None:
+        w = phase(shards, start, None, False)[0]
+    else:
+        def residual(v):
+            return phase(shards, torch.from_numpy(v), steps, False)[0].numpy() - v
+
+        w = torch.from_numpy(root(residual, start.numpy(), method="hybr", tol=1e-15).x)
+    end, smallest = phase(shards, w, steps, False)
+    gap = float((end - w).norm())
+    assert gap <= 1e-9 * (1 + float(w.norm())), f"not a fixed point: residual {gap:.1e} (L = {steps})"
+    return w, gap, smallest == 1.0
+
+
+def floors_split(x, y, f_star, w_star, world, how):
+    """The idealised methods on one split (see :func:`floors_section`).
+
+    Returns:
+        A markdown table, and a line comparing one exact corrected phase with one unit GIANT step on the
+        quadratic model at the optimum, with their rounds to 1e-6 on it.
+    """
+    shards = [Logistic(xs, ys, len(ys) * world / len(y)) for xs, ys in split(x, y, world, how)]
+    f, zero = Mean(shards), torch.zeros(x.shape[1] + 1, dtype=torch.float64)
+    rows = ["| method (exact solves) | rounds to 1e-3 | 1e-6 | 1e-9 | best subopt (rounds run) | fixed point: subopt | "
+            "residual | full local steps there |", "|" + "---|" * 8]
+
+    def row(trace, fixed="| - | - | - |"):
+        sub = relative(trace, f_star)
+        r = [fmt(first(trace, sub, e)) for e in TARGETS]
+        rows.append(f"| {trace.name} | {' | '.join(r)} | {max(min(sub), 0):.1e} ({trace.rounds[-1]}) {fixed}")
+
+    for corrected, per_phase, rounds in ((False, 1, "1 round"), (True, 2, "2 rounds")):
+        for steps in (1, 2, 4, 8, None):
+            label = (f"{'corrected' if corrected else 'plain'} LocalNewton "
+                     f"{f'L={steps}' if steps else 'L -> inf (exact local minimisers)'}, {rounds}/phase")
+            trace, w = iterate(label, lambda w, s=steps, c=corrected: phase(shards, w, s, c)[0], per_phase, f,
+                               f_star, zero, FLOOR_BUDGETS[corrected])
+            if corrected:  # its fixed point is the optimum
+                row(trace)
+                continue
+            w, gap, full = plain_fixed_point(shards, steps, w)
+            row(trace, f"| {max((f.value(w) - f_star) / f_star, 0):.1e} | {gap:.0e} | {'yes' if full else 'no'} |")
+    for search, label in (("unit", "unit step"), ("armijo", "NewtonCG's Armijo search"),
+                          ("exact", "exact line search")):
+        row(iterate(f"GIANT, {label}, 3 rounds/step",
+                    lambda w, s=search: giant_step(shards, w, s), 3, f, f_star, zero)[0])
+
+    model = [Quadratic(s, w_star) for s in shards]
+    gap = float((phase(model, zero, None, True)[0] - giant_step(model, zero, "unit")).norm())
+    local, giant = (first(t, relative(t, f_star), 1e-6) for t in (
+        iterate("", lambda w: phase(model, w, None, True)[0], 2, Mean(model), f_star, zero)[0],
+        iterate("", lambda w: giant_step(model, w, "unit"), 3, Mean(model), f_star, zero)[0]))
+    note = ("quadratic model at the optimum (f_k's Taylor models there): one corrected phase with exact local "
+            f"minimisers from 0 minus one unit GIANT step: |difference| {gap:.0e}; rounds to 1e-6 on the model: "
+            f"corrected L -> inf {fmt(local)}, GIANT unit step {fmt(giant)}")
+    return "\n".join(rows), note
+
+
+def floors_section(name, x, y, world):
+    """Single-process floors for one problem: idealised methods with exactly solved Newton systems (float64).
+
+    Plain LocalNewton with exact Newton steps (L = 1, 2, 4, 8 and L -> infinity) from zero, and the relative
+    suboptimality of its fixed point: its stall level whatever the rounds. Corrected LocalNewton with the same
+    local steps (2 rounds per phase) and GIANT with exact local solves (3 rounds per step: unit step,
+    NewtonCG's Armijo search, exact line search): the fewest rounds to each target that these methods can
+    reach when the local systems cost nothing.
+
+    Args:
+        name: the problem's name.
+        x: its features.
+        y: its labels.
+        world: the number of shards.
+
+    Returns:
+        The markdown section: one table per split, and the quadratic-model check under each.
+    """
+    f_star, w_star = scipy_optimum(x, y)
+    out = [f"### Floors: {name} (N = {len(y)}, {world} shards, f* = {f_star:.12f})"]
+    for how in ("iid", "label-skewed"):
+        table, note = floors_split(x, y, f_star, w_star, world, how)
+        out += [f"\n#### {name}, {how} shards, exact solves\n", table, f"\n{note}"]
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -335,7 +632,7 @@ def convex_methods(quick):
 
 
 def convex_section(name, x, y, args, counter, rank, world):
-    f_star = scipy_optimum(x, y)
+    f_star, _ = scipy_optimum(x, y)
     out = [f"### {name}: N = {len(y)}, d = {x.shape[1]} (+ bias), lambda = {LAM}, f* = {f_star:.12f}"]
     model = logistic_model(x.shape[1])
     opt = NewtonCG(model.parameters(), distributed=False)
@@ -423,7 +720,7 @@ def verdicts(results) -> str:
 
             def rounds(label, eps):
                 t = traces[label]
-                return first(t, [(v - f_star) / f_star for v in t.loss], eps)
+                return first(t, relative(t, f_star), eps)
 
             giant3, giant6 = rounds("NewtonCG (GIANT)", 1e-3), rounds("NewtonCG (GIANT)", 1e-6)
             for label, eps, ratio, base in (("LocalNewton adaptive + correction", 1e-6, 0.5, giant6),
@@ -440,30 +737,45 @@ def _slug(s):
     return "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
 
 
+def problems():
+    """The two convex problems, by name: (x, y) each."""
+    return {"digits binary": digits_binary(), "synthetic 20k x 60": synthetic()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/figures")
     parser.add_argument("--quick", action="store_true", help="fewer methods and rounds (a smoke test)")
+    parser.add_argument("--floors-only", action="store_true",
+                        help="only the single-process floors (exact local solves), without torchrun")
+    parser.add_argument("--workers", type=int, default=4, help="shards for --floors-only (torchrun's otherwise)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.floors_only:
+        start = time.perf_counter()
+        print("\n\n".join(floors_section(name, x, y, args.workers) for name, (x, y) in problems().items()))
+        print(f"\nwall time {time.perf_counter() - start:.0f} s")
+        return
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     counter = Rounds()
     start = time.perf_counter()
     report, results = [], {}
-    for name, (x, y) in (("digits binary", digits_binary()), ("synthetic 20k x 60", synthetic())):
+    for name, (x, y) in problems().items():
         text, traces, f_star = convex_section(name, x, y, args, counter, rank, world)
         report.append(text)
         results[name] = {**traces, "f*": f_star}
     report.append(mlp_section(args, counter, rank, world))
+    dist.destroy_process_group()
     if rank == 0:
         print(f"{world} gloo workers, one thread each; rounds = all-reduce calls\n")
         print("\n\n".join(report))
         print("\n### Targets\n")
         print(verdicts(results))
+        print()
+        print("\n\n".join(floors_section(name, x, y, world) for name, (x, y) in problems().items()))
         print(f"\nwall time {time.perf_counter() - start:.0f} s; figures in {args.out}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
