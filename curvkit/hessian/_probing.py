@@ -41,18 +41,33 @@ class ProductBudget:
         """Products still allowed."""
         return self.budget - self.used
 
-    def next_block(self) -> int:
-        """Size of the next probe block (within the budget)."""
+    def next_block(self, wanted: int | None = None) -> int:
+        """Size of the next probe block (within the budget).
+
+        Args:
+            wanted: the probes a stopping rule predicts it still needs; the block is then that many, up to
+                the operator's ``max_block`` (one data pass). None: the doubling schedule above.
+        """
+        if wanted is not None:
+            return max(1, min(wanted, getattr(self.H, "max_block", BLOCK), self.left))
         size = min(self._block, self.left)
         if not getattr(self.H, "single_batch", True):
             self._block = min(2 * self._block, getattr(self.H, "max_block", self._block))
         return size
 
+    def _count(self, k: int) -> None:
+        self.used += k
+        self.bar.update(k)
+
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` in float64, counted."""
-        self.used += V.shape[1]
-        self.bar.update(V.shape[1])
+        self._count(V.shape[1])
         return matmat_float64(self.H, V)
+
+    def trace_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        """``k`` stratified trace samples of a dataset operator (``H.trace_samples``), counted as k products."""
+        self._count(k)
+        return self.H.trace_samples(k, gen)
 
 
 def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
@@ -60,6 +75,25 @@ def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
     m = samples.numel()
     mean = float(samples.mean())
     return mean, (float(samples.std()) / math.sqrt(m) if m > 1 else math.inf)
+
+
+def pooled(groups: list[torch.Tensor]) -> tuple[float, float, float]:
+    r"""The mean of all samples in ``groups``, its standard error and Welch-Satterthwaite degrees of freedom.
+
+    Each group is i.i.d. with its own variance (e.g. shared-probe pilot samples, then stratified ones), so
+    with :math:`M = \sum_g m_g`, :math:`\operatorname{Var}(\bar t) = \sum_g m_g s_g^2 / M^2` and
+    :math:`\nu = (\sum_g a_g)^2 / \sum_g a_g^2 / (m_g - 1)`, :math:`a_g = m_g s_g^2 / M^2`.
+    The standard error is inf while a non-empty group has a single sample.
+    """
+    groups = [g for g in groups if g.numel()]
+    m = sum(g.numel() for g in groups)
+    mean = float(sum(g.sum() for g in groups)) / m
+    if any(g.numel() < 2 for g in groups):
+        return mean, math.inf, 1.0
+    parts = [g.numel() * float(g.var()) / m**2 for g in groups]
+    total = sum(parts)
+    dof = total**2 / sum(a * a / (g.numel() - 1) for a, g in zip(parts, groups)) if total > 0 else m - 1.0
+    return mean, math.sqrt(total), dof
 
 
 def reached(samples: torch.Tensor, rtol: float) -> bool:

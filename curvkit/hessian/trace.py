@@ -21,7 +21,7 @@ from scipy.stats import t as student_t
 
 from .._utils.progress import progress_bar
 from .._utils.random import Seed, make_generator, rademacher_matrix
-from ._probing import PILOT, ProductBudget, check_budget, exact_diagonal, mean_and_error, reached
+from ._probing import PILOT, ProductBudget, check_budget, exact_diagonal, mean_and_error, pooled, reached
 from .operator import check_operator, operator_eps
 from .results import TraceResult
 
@@ -29,7 +29,7 @@ DEFAULT_TRACE_BUDGET = 1000
 LOW_RANK_SHARE = 0.25   # auto: XTrace when a rank-5 sketch leaves less than this share of ||H||_F^2
 
 
-def _trace_result(estimate: float, stderr: float, dof: int, matvecs: int, method: str, rtol: float) -> TraceResult:
+def _trace_result(estimate: float, stderr: float, dof: float, matvecs: int, method: str, rtol: float) -> TraceResult:
     half = 0.0 if stderr == 0 else float(student_t.ppf(0.975, max(dof, 1))) * stderr
     converged = stderr <= rtol * abs(estimate)
     return TraceResult(estimate, stderr, (estimate - half, estimate + half), matvecs, method, converged)
@@ -40,13 +40,43 @@ def _exact_trace(products: ProductBudget, rtol: float) -> TraceResult:
     return _trace_result(float(exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
 
 
-def _hutchinson(products: ProductBudget, gen, samples: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Add Rademacher probes z^T H z, a block at a time, until ``rtol`` or the budget is reached."""
+def _still_needed(groups: list[torch.Tensor], rtol: float, most: int) -> int:
+    """How many more samples of the last group the pooled mean needs for ``rtol`` (at the current variances).
+
+    A group with fewer than 2 samples is taken to have the first group's variance; at most ``most``.
+    """
+    mean, _, _ = pooled(groups)
+    counts = [g.numel() for g in groups]
+    variances = [float(g.var()) if g.numel() > 1 else float(groups[0].var()) for g in groups]
+    fixed = sum(m * v for m, v in zip(counts[:-1], variances[:-1]))
+    target, total = (rtol * mean) ** 2, sum(counts)
+    for extra in range(1, most + 1):
+        if (fixed + (counts[-1] + extra) * variances[-1]) <= target * (total + extra) ** 2:
+            return extra
+    return most
+
+
+def _hutchinson(products: ProductBudget, gen, groups: list[torch.Tensor], rtol: float) -> list[torch.Tensor]:
+    """Add samples z^T H z to the last group, a block at a time, until ``rtol`` or the budget is reached.
+
+    A block is as large as the variance so far says is still needed (+10%), up to one data pass. On an
+    operator over several batches or ranks (``H.stratified``) the samples are stratified: each batch gets
+    its own probe (:meth:`~curvkit.hessian.model.ModelOperator.trace_samples`).
+    """
     n = products.H.shape[0]
-    while products.left > 0 and not reached(samples, rtol):
-        Z = rademacher_matrix(n, products.next_block(), gen, products.H.device)
-        samples = torch.cat([samples, (Z * products(Z)).sum(0).cpu()])
-    return samples
+    stratified = getattr(products.H, "stratified", False)
+    while products.left > 0:
+        mean, se, _ = pooled(groups)
+        if se <= rtol * abs(mean):
+            break
+        k = products.next_block(max(2, math.ceil(1.1 * _still_needed(groups, rtol, products.left))))
+        if stratified:
+            new = products.trace_samples(k, gen)
+        else:
+            Z = rademacher_matrix(n, k, gen, products.H.device)
+            new = (Z * products(Z)).sum(0).cpu()
+        groups[-1] = torch.cat([groups[-1], new])
+    return groups
 
 
 def _hutchinson_needs_more_than(samples: torch.Tensor, rtol: float, n: int) -> bool:
@@ -159,14 +189,20 @@ def _pilot(products: ProductBudget, gen: torch.Generator) -> _Pilot:
     return _Pilot(Z, HZ, (Z * HZ).sum(0).cpu())
 
 
-def _by_hutchinson(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
-    """Hutchinson from the pilot on, or the exact trace when Hutchinson would need n products or more."""
+def _by_hutchinson(products: ProductBudget, gen, rtol: float, pilot: _Pilot | None) -> TraceResult:
+    """Hutchinson from the pilot on, or the exact trace when Hutchinson would need n products or more.
+
+    Without a pilot (``method="hutchinson"`` on a stratified operator) the first ``PILOT`` samples are
+    stratified too; after a shared-probe pilot, stratified samples form a group of their own.
+    """
     n = products.H.shape[0]
-    if _hutchinson_needs_more_than(pilot.samples, rtol, n) and n <= products.left:
+    stratified = getattr(products.H, "stratified", False)
+    first = products.trace_samples(min(PILOT, products.budget), gen) if pilot is None else pilot.samples
+    if _hutchinson_needs_more_than(first, rtol, n) and n <= products.left:
         return _exact_trace(products, rtol)
-    samples = _hutchinson(products, gen, pilot.samples, rtol)
-    mean, se = mean_and_error(samples)
-    return _trace_result(mean, se, samples.numel() - 1, products.used, "hutchinson", rtol)
+    fresh = [torch.zeros(0, dtype=torch.float64)] if stratified and pilot is not None else []
+    mean, se, dof = pooled(_hutchinson(products, gen, [first, *fresh], rtol))
+    return _trace_result(mean, se, dof, products.used, "hutchinson", rtol)
 
 
 def _by_xtrace(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
@@ -198,7 +234,10 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
     continues with XTrace (spectrum dominated by a few eigenvalues) or Hutchinson (spread out),
     reusing every pilot product. When the budget would exceed ``n`` anyway, the trace is computed
     exactly from n unit-vector products (standard error 0). Every method but ``"hutch++"`` starts
-    from the same pilot.
+    from the same pilot. On an operator over several batches (or ranks), Hutchinson's samples after
+    the pilot are stratified (:meth:`~curvkit.hessian.model.ModelOperator.trace_samples`: each batch
+    its own probe, for up to 1/B of the variance with B batches), and ``method="hutchinson"`` stratifies
+    the pilot too. Hutchinson's blocks are sized to the probes the variance so far says are still needed.
 
     >>> H = torch.diag(torch.linspace(1.0, 2.0, 50, dtype=torch.float64))
     >>> res = trace(H, rtol=0.02, seed=0)
@@ -232,7 +271,8 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
         products = ProductBudget(H, budget, bar)
         if n <= min(PILOT, budget):
             return _exact_trace(products, rtol)
-        pilot = None if method == "hutch++" else _pilot(products, gen)
+        stratified = getattr(H, "stratified", False)
+        pilot = None if method == "hutch++" or (method == "hutchinson" and stratified) else _pilot(products, gen)
         result = METHODS[method](products, gen, rtol, pilot)
     if not result.converged:
         warnings.warn(
