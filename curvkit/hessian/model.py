@@ -332,7 +332,7 @@ class ModelOperator(CurvatureOperator):
         return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        rows = V.T.to(self.dtype).contiguous()
+        rows = V.new_empty(V.shape[::-1], dtype=self.dtype).copy_(V.T)  # cast and transpose in one pass
         blocks = [self._block(rows[i:i + self.max_block]) for i in range(0, rows.shape[0], self.max_block)]
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         self._check_finite(out)
@@ -344,16 +344,22 @@ class ModelOperator(CurvatureOperator):
                                                 for weight, state in self._states()))
 
     def _weighted_mean(self, shape: torch.Size, weighted: Iterable[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-        """The sample-weighted mean over batches (and ranks) of ``(n_b, block_b)`` pairs (None: a zero block)."""
-        out = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        total = 0
+        """The sample-weighted mean over batches (and ranks) of ``(n_b, block_b)`` pairs (None: a zero block).
+
+        Returns:
+            The float64 mean; on one batch without torch.distributed, the batch's block itself.
+        """
+        out, total = None, 0
         for weight, block in weighted:
             total += weight
             if block is None:
                 continue
+            block = block.to(torch.float64)
             if self._single and not self.distributed:
-                return block.to(torch.float64)
-            out.add_(block.to(torch.float64), alpha=weight)
+                return block
+            out = block.mul_(weight) if out is None else out.add_(block, alpha=weight)
+        if out is None:
+            out = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if self.distributed:
             total = self._all_reduce(out, total)
         if total == 0:
