@@ -7,15 +7,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .model import ModelOperator, central_difference, reraise_explained
+from .model import ModelOperator, central_difference, dense, reraise_explained
 
 
 class _GradientGraph(NamedTuple):
-    """Per-batch state: private leaves, the indices of gradients with a graph, those gradients, the loss."""
+    """Per-batch state: private leaves, the flat loss gradient with its graph (None: H_b = 0), the loss."""
 
     leaves: list[torch.Tensor]
-    live: list[int]
-    grads: list[torch.Tensor]
+    gradient: torch.Tensor | None
     loss: float
 
 
@@ -42,17 +41,19 @@ class HessianOperator(ModelOperator):
     """
 
     def _prepare(self, batch: Any) -> _GradientGraph:
-        """The gradient's graph on private leaves of one batch, and the loss.
+        """The graph of the flat loss gradient on private leaves of one batch, and the loss.
 
-        Parameters that do not reach the loss, or whose gradient is constant, have a zero Hessian block.
+        The gradient is concatenated inside the graph, so a product's flat direction is split by the
+        concatenation's backward, not in Python. Parameters that do not reach the loss, or whose gradient
+        is constant, have a zero Hessian block.
         """
         leaves = [p.detach().requires_grad_() for p in self.params]
         loss = self._loss(leaves, batch)
-        if not loss.requires_grad:
-            return _GradientGraph(leaves, [], [], float(loss.detach()))
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return _GradientGraph(leaves, live, [grads[i] for i in live], float(loss.detach()))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True) if loss.requires_grad \
+            else [None] * len(leaves)
+        gradient = torch.cat([dense(g).reshape(-1) if g is not None else leaf.new_zeros(leaf.numel())
+                              for g, leaf in zip(grads, leaves)])
+        return _GradientGraph(leaves, gradient if gradient.requires_grad else None, float(loss.detach()))
 
     def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
                               ) -> torch.Tensor:
@@ -80,15 +81,11 @@ class HessianOperator(ModelOperator):
 
     def _double_backward(self, state: _GradientGraph, v: torch.Tensor, batched: bool = False) -> torch.Tensor | None:
         """H_b v for a flat vector v (n,), or for rows v (k, n) with ``batched`` (None if H_b = 0)."""
-        leaves, live, grads, _ = state
-        if not live:
+        leaves, gradient, _ = state
+        if gradient is None:
             return None
-        lead = v.shape[:-1]
-        chunks = v.split_with_sizes(self.sizes, dim=-1)
-        vs = [chunks[i].reshape(*lead, *g.shape) if g.dtype == v.dtype else
-              chunks[i].reshape(*lead, *g.shape).to(g.dtype) for i, g in zip(live, grads)]
         try:
-            hv = torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True,
+            hv = torch.autograd.grad(gradient, leaves, v, retain_graph=True, allow_unused=True,
                                      is_grads_batched=batched)
         except RuntimeError as err:
             reraise_explained(err, "Hessian-vector products")
