@@ -2,14 +2,14 @@
 
 For each model, the CPU time per product of a single ``H @ v`` and of a block ``H @ V`` (k columns) computed
 batched (``block_products="batched"``), in a loop (``"loop"``) and as chosen by ``"auto"`` (after its timed first
-blocks), interleaved round-robin, medians. The vectors are float64, as curvkit's algorithms pass them; the
-models are float32. The target: a block never costs more per product than a single
-product, i.e. auto / single <= 1 (within noise).
+blocks), interleaved round-robin with the order reversed every other round, medians. The vectors are float64, as
+curvkit's algorithms pass them; the models are float32. The target: a block never costs more per product than a
+single product, i.e. auto / single <= 1 (within noise).
 
 - MLP 64-32-10 tanh, n = 2410, batch 512 (where batching pays: fewer, larger kernels);
 - the ~5.1M-parameter conv net of ``benchmarks/lanczos_scale.py``, batch 8 (where it does not).
 
-    python benchmarks/block_products.py             # ~3 min on a 2-core machine
+    python benchmarks/block_products.py             # ~2 min on a 2-core machine
     python benchmarks/block_products.py --no-conv   # the MLP only, seconds
 """
 
@@ -57,8 +57,8 @@ def measure(name: str, model: nn.Module, batch, k: int, reps: int) -> None:
     times = {label: [] for label in runs}
     for fn, _ in runs.values():
         fn()                                        # warm-up
-    for _ in range(reps):
-        for label, (fn, columns) in runs.items():
+    for rep in range(reps):
+        for label, (fn, columns) in list(runs.items())[::1 if rep % 2 else -1]:  # alternate the order
             start = time.process_time()
             fn()
             times[label].append((time.process_time() - start) / columns)
@@ -82,7 +82,7 @@ def main() -> None:
     measure("MLP 64-32-10 tanh", model, (x, y), k=8, reps=30)
     if not args.no_conv:
         model, x, y = _net()
-        measure("conv net of lanczos_scale.py", model, (x, y), k=4, reps=3)
+        measure("conv net of lanczos_scale.py", model, (x, y), k=4, reps=6)
 
 
 if __name__ == "__main__":
