@@ -210,12 +210,10 @@ class GGNOperator(ModelOperator):
         loss = require_scalar_loss(self.loss_fn(shifted, targets), "loss_fn(outputs, targets)")
         return torch.autograd.grad(loss, shifted)[0] if loss.requires_grad else torch.zeros_like(shifted)
 
-    def _products(self, state: _Linearisation, rows: torch.Tensor) -> torch.Tensor | None:
+    def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor | None:
+        """J_b^T H_out J_b v: J v by a double vector-Jacobian product, H_out, then one backward."""
         if not state.live:
             return None
-        return torch.stack([self._product(state, v) for v in rows])
-
-    def _product(self, state: _Linearisation, v: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(v, self.sizes)
         vs = [chunks[i].view_as(state.leaves[i]).to(state.leaves[i].dtype) for i in state.live]
         try:

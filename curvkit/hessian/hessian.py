@@ -11,11 +11,10 @@ from .model import ModelOperator, central_difference, dense, reraise_explained
 
 
 class _GradientGraph(NamedTuple):
-    """Per-batch state: private leaves, the indices of gradients with a graph, those gradients, the loss."""
+    """Per-batch state: private leaves, the flat loss gradient with its graph (None: H_b = 0), the loss."""
 
     leaves: list[torch.Tensor]
-    live: list[int]
-    grads: list[torch.Tensor]
+    gradient: torch.Tensor | None
     loss: float
 
 
@@ -42,63 +41,52 @@ class HessianOperator(ModelOperator):
     """
 
     def _prepare(self, batch: Any) -> _GradientGraph:
-        """The gradient's graph on private leaves of one batch, and the loss.
+        """The graph of the flat loss gradient on private leaves of one batch, and the loss.
 
-        Parameters that do not reach the loss, or whose gradient is constant, have a zero Hessian block.
+        The gradient is concatenated inside the graph, so a product's flat direction is split by the
+        concatenation's backward, not in Python. Parameters that do not reach the loss, or whose gradient
+        is constant, have a zero Hessian block.
         """
         leaves = [p.detach().requires_grad_() for p in self.params]
         loss = self._loss(leaves, batch)
-        if not loss.requires_grad:
-            return _GradientGraph(leaves, [], [], float(loss.detach()))
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return _GradientGraph(leaves, live, [grads[i] for i in live], float(loss.detach()))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True) if loss.requires_grad \
+            else [None] * len(leaves)
+        gradient = torch.cat([dense(g).reshape(-1) if g is not None else leaf.new_zeros(leaf.numel())
+                              for g, leaf in zip(grads, leaves)])
+        return _GradientGraph(leaves, gradient if gradient.requires_grad else None, float(loss.detach()))
 
     def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
                               ) -> torch.Tensor:
         out = []
         for v in rows:
             norm = float(torch.linalg.vector_norm(v))
-            gradient = functools.partial(self._gradient, batch, self.split(v))
+            gradient = functools.partial(self._gradient, batch, v)
             out.append(central_difference(gradient, theta_norm, norm, rel_step) if norm > 0 else torch.zeros_like(v))
         return torch.stack(out)
 
-    def _gradient(self, batch: Any, pieces: list[torch.Tensor], t: float) -> torch.Tensor:
-        """The flat loss gradient on ``batch`` at the parameters plus ``t`` times ``pieces``."""
-        leaves = self._shifted(pieces, t)
+    def _gradient(self, batch: Any, v: torch.Tensor, t: float) -> torch.Tensor:
+        """The flat loss gradient on ``batch`` at the parameters plus ``t`` times the flat vector ``v``."""
+        leaves = self._shifted(self.split(v), t)
         loss = self._loss(leaves, batch)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
-        return self._flat(grads, pieces[0])
+        return self._flat(grads, v)
 
-    def _products(self, state: _GradientGraph, rows: torch.Tensor) -> torch.Tensor | None:
-        """All rows in one batched double backward (vmap) when the model allows it, else one at a time."""
-        leaves, live, grads, _ = state
-        if not live:
+    def _product(self, state: _GradientGraph, v: torch.Tensor) -> torch.Tensor | None:
+        """H_b v: one double backward on the cached gradient graph."""
+        return self._double_backward(state, v)
+
+    def _batched_products(self, state: _GradientGraph, rows: torch.Tensor) -> torch.Tensor | None:
+        """H_b V^T for rows (k, n): one double backward batched over the rows (vmap)."""
+        return self._double_backward(state, rows, batched=True)
+
+    def _double_backward(self, state: _GradientGraph, v: torch.Tensor, batched: bool = False) -> torch.Tensor | None:
+        """H_b v for a flat vector v (n,), or for rows v (k, n) with ``batched`` (None if H_b = 0)."""
+        leaves, gradient, _ = state
+        if gradient is None:
             return None
-        k = rows.shape[0]
-        if k == 1 or not self._batched_ok:
-            flat = [self._flat(self._vjp(grads, leaves, self._chunks(row, grads, live)), rows) for row in rows]
-            return flat[0][None] if k == 1 else torch.stack(flat)
-        chunks = torch.split(rows, self.sizes, dim=1)
-        vs = [chunks[i].reshape(k, *g.shape).to(g.dtype) for g, i in zip(grads, live)]
         try:
-            hv = self._vjp(grads, leaves, vs, batched=True)
-        except RuntimeError:
-            self._batched_ok = False  # an op without a batching rule: products one at a time from now on
-            return self._products(state, rows)
-        return torch.cat([(dense(h).reshape(k, -1) if h is not None else rows.new_zeros(k, p.numel()))
-                          for h, p in zip(hv, self.params)], 1)
-
-    def _chunks(self, v: torch.Tensor, grads, live) -> list[torch.Tensor]:
-        """A flat vector's pieces for the parameters whose gradients carry a graph."""
-        chunks = torch.split(v, self.sizes)
-        return [chunks[i].view_as(g) if g.dtype == v.dtype else chunks[i].view_as(g).to(g.dtype)
-                for g, i in zip(grads, live)]
-
-    @staticmethod
-    def _vjp(grads, leaves, vs, batched: bool = False):
-        try:
-            return torch.autograd.grad(grads, leaves, vs, retain_graph=True, allow_unused=True,
-                                       is_grads_batched=batched)
+            hv = torch.autograd.grad(gradient, leaves, v, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=batched)
         except RuntimeError as err:
-            reraise_explained(err, "Hessian-vector products (and GGN products)")
+            reraise_explained(err, "Hessian-vector products")
+        return self._flat(hv, v)

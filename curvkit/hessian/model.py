@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,8 +60,19 @@ class ModelOperator(CurvatureOperator):
     graph) of a single batch is built once and cached; a block of k products is computed in
     lock-step (each batch's state built once per block) in chunks of at most ``max_block``
     columns; under torch.distributed each rank's data is a shard and every block is
-    all-reduced once (sample-count weighted). Subclasses define ``_prepare(batch)`` and
-    ``_products(state, rows)``; those that need the model's outputs rather than a loss set
+    all-reduced once (sample-count weighted).
+
+    A block of k >= 2 products is one batched pass (``is_grads_batched``, vmap) or k single products,
+    whichever costs less per product: batching pays on small models (fewer, larger kernels) and not on
+    large conv nets (where one product already fills the machine and vmapped convolutions are slower).
+    With ``block_products="auto"`` the first ``BLOCK_TRIALS`` blocks of each size k are split, the first
+    row alone and the others batched, both timed (elapsed time, CUDA synchronised); the least time per
+    product of each way over those blocks picks the way for every later block of k rows. No product is
+    computed twice, and either way gives the same products up to rounding. A model with an operation
+    that vmap cannot batch gets single products from its first block on.
+
+    Subclasses define ``_prepare(batch)``, ``_product(state, v)`` and, where a batched pass exists,
+    ``_batched_products(state, rows)``; those that need the model's outputs rather than a loss set
     ``ACCEPTS_FORWARD = False`` (their borrowed call then returns the outputs, and ``loss_fn`` is
     applied by the subclass). ``_difference_quotients(batch, rows, rel_step, theta_norm)`` gives the
     first-derivative reference of :meth:`finite_differences` (and so of ``check``), and ``CHECK_HINT``
@@ -74,6 +86,8 @@ class ModelOperator(CurvatureOperator):
         forward: ``forward(model, batch) -> loss`` for batches that are not ``(inputs, targets)`` pairs.
         bn_mode: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics, running ones untouched).
         max_block: the largest block of products computed in one pass over a batch.
+        block_products: how a block of products is computed: ``"auto"`` (the cheaper way per block size,
+            measured), ``"batched"`` (one batched double backward) or ``"loop"`` (one product at a time).
         distributed: all-reduce over torch.distributed ranks (None: when a process group is initialised).
         timeout: seconds an all-reduce may take before a dead or hung rank is reported.
         check: compare the products with finite differences of first derivatives once, at construction
@@ -81,7 +95,8 @@ class ModelOperator(CurvatureOperator):
 
     Raises:
         TypeError: ``forward=`` given to an operator that does not accept it, or a bad loss/data type.
-        ValueError: bad ``params``, ``max_block`` or ``bn_mode``, active Dropout in the model, or a model on
+        ValueError: bad ``params``, ``max_block``, ``block_products`` or ``bn_mode`` (``"batched"`` for an
+            operator without a batched pass), active Dropout in the model, or a model on
             the meta device (materialise it with ``to_empty`` and ``load_state_dict``); on a
             batch, a class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
             ``ignore_index``.
@@ -90,11 +105,14 @@ class ModelOperator(CurvatureOperator):
     """
 
     ACCEPTS_FORWARD = True
+    BLOCK_PRODUCTS = ("auto", "batched", "loop")
+    BLOCK_TRIALS = 2  # blocks of each size timed both ways; the first may pay one-off start-up costs
     CHECK_HINT = "an operation in the model or loss_fn is not correctly twice differentiable"
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
                  forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 16,
-                 distributed: bool | None = None, timeout: float = 300.0, check: bool = False):
+                 block_products: str = "auto", distributed: bool | None = None, timeout: float = 300.0,
+                 check: bool = False):
         if not self.ACCEPTS_FORWARD:
             if forward is not None:
                 raise TypeError(
@@ -109,9 +127,14 @@ class ModelOperator(CurvatureOperator):
         super().__init__(**self.of_tensors(tensors), names=names)
         if not isinstance(max_block, int) or max_block < 1:
             raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
+        if block_products not in self.BLOCK_PRODUCTS:
+            raise ValueError(f"block_products must be one of {self.BLOCK_PRODUCTS}, got {block_products!r}")
+        if block_products == "batched" and self._batched_products is None:
+            raise ValueError(f"{type(self).__name__} has no batched pass: use block_products='auto' or 'loop'")
         self.model = model
         self.loss_fn = loss_fn
         self.max_block = max_block
+        self.block_products = block_products
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         if self.distributed and not dist.is_initialized():
             raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
@@ -120,7 +143,8 @@ class ModelOperator(CurvatureOperator):
         self._batches = as_batches(data)
         self._single = isinstance(self._batches, list) and len(self._batches) == 1
         self._cached: Any = None
-        self._batched_ok = True
+        self._batched_ok = block_products != "loop" and self._batched_products is not None
+        self._block_times: dict[int, list[tuple[float, float]]] = {}  # k -> (single, batched) s/product per trial
         if check:
             self._require_exact_products()
 
@@ -214,8 +238,60 @@ class ModelOperator(CurvatureOperator):
         """Per-batch state reused by every product on that batch (e.g. the gradient graph)."""
 
     @abstractmethod
+    def _product(self, state: Any, v: torch.Tensor) -> torch.Tensor | None:
+        """The product with one flat vector ``v`` (n,) on one batch, in ``v``'s dtype (None if identically zero)."""
+
+    _batched_products: Callable[[Any, torch.Tensor], torch.Tensor | None] | None = None
+    """Optional: the products with all rows of ``rows`` (k, n) on one batch in one batched pass, as (k, n)."""
+
     def _products(self, state: Any, rows: torch.Tensor) -> torch.Tensor | None:
-        """Products with the rows of ``rows`` (k, n) on one batch, as (k, n) (None if identically zero)."""
+        """Products with the rows of ``rows`` (k, n) on one batch, as (k, n) (None if identically zero).
+
+        Batched or one row at a time as chosen for k (see the class docstring); while the choice is measured,
+        the first row alone and the others batched.
+        """
+        k = rows.shape[0]
+        way = self._block_way(k)
+        if way == "batched":
+            return self._batched(state, rows)
+        if way == "loop":
+            out = [self._product(state, v) for v in rows]
+            return None if out[0] is None else torch.stack(out)
+        start = self._clock()
+        first = self._product(state, rows[0])
+        if first is None:
+            return None
+        middle = self._clock()
+        rest = self._batched(state, rows[1:])
+        if self._batched_ok:  # else vmap could not batch the model, and rest came one row at a time
+            self._block_times.setdefault(k, []).append((middle - start, (self._clock() - middle) / (k - 1)))
+        return torch.cat([first[None], rest])
+
+    def _block_way(self, k: int) -> str:
+        """``"loop"``, ``"batched"``, or ``"measure"`` while blocks of k rows are still being timed."""
+        if k == 1 or not self._batched_ok:
+            return "loop"
+        if self.block_products != "auto":
+            return self.block_products
+        times = self._block_times.get(k, [])
+        if len(times) < self.BLOCK_TRIALS:
+            return "measure"
+        single, batched = map(min, zip(*times))
+        return "batched" if batched < single else "loop"
+
+    def _batched(self, state: Any, rows: torch.Tensor) -> torch.Tensor | None:
+        """``_batched_products``, or one row at a time from now on where vmap cannot batch the model."""
+        try:
+            return self._batched_products(state, rows)
+        except RuntimeError:  # an op without a batching rule; a genuine error recurs one row at a time
+            self._batched_ok = False
+            return self._products(state, rows)
+
+    def _clock(self) -> float:
+        """Elapsed seconds, after the device's queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _difference_quotients(self, batch: Any, rows: torch.Tensor, rel_step: float, theta_norm: float
                               ) -> torch.Tensor:
@@ -273,9 +349,13 @@ class ModelOperator(CurvatureOperator):
         return rows
 
     def _flat(self, tensors: Any, like: torch.Tensor) -> torch.Tensor:
-        """One flat vector from tensors shaped like ``self.params`` (None: a zero block), in ``like``'s dtype."""
-        return torch.cat([dense(t).reshape(-1).to(like.dtype) if t is not None else like.new_zeros(p.numel())
-                          for t, p in zip(tensors, self.params)])
+        """Tensors shaped like ``self.params`` (None: a zero block) as one vector, in ``like``'s dtype.
+
+        The vector is (n,), or rows (k, n) when the tensors and ``like`` carry a leading batch dimension k.
+        """
+        lead = like.shape[:-1]
+        return torch.cat([dense(t).reshape(*lead, -1) if t is not None else like.new_zeros(*lead, p.numel())
+                          for t, p in zip(tensors, self.params)], -1).to(like.dtype)
 
     def _shifted(self, pieces: list[torch.Tensor], t: float) -> list[torch.Tensor]:
         """Private leaves at the parameters plus ``t`` times ``pieces`` (a direction split like ``self.params``)."""
@@ -298,13 +378,14 @@ class ModelOperator(CurvatureOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         if not self._single or self.distributed:
             return super()._matvec(v)
-        out = self._products(self._single_state(), v.to(self.dtype)[None])
-        out = v.new_zeros(v.shape, dtype=self.dtype) if out is None else out[0]
-        self._check_finite(out[None])
+        out = self._product(self._single_state(), v.to(self.dtype))
+        if out is None:
+            return v.new_zeros(v.shape, dtype=self.dtype)
+        self._check_finite(out)
         return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        rows = V.T.to(self.dtype).contiguous()
+        rows = V.new_empty(V.shape[::-1], dtype=self.dtype).copy_(V.T)  # cast and transpose in one pass
         blocks = [self._block(rows[i:i + self.max_block]) for i in range(0, rows.shape[0], self.max_block)]
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         self._check_finite(out)
@@ -316,16 +397,22 @@ class ModelOperator(CurvatureOperator):
                                                 for weight, state in self._states()))
 
     def _weighted_mean(self, shape: torch.Size, weighted: Iterable[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-        """The sample-weighted mean over batches (and ranks) of ``(n_b, block_b)`` pairs (None: a zero block)."""
-        out = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        total = 0
+        """The sample-weighted mean over batches (and ranks) of ``(n_b, block_b)`` pairs (None: a zero block).
+
+        Returns:
+            The float64 mean; on one batch without torch.distributed, the batch's block itself.
+        """
+        out, total = None, 0
         for weight, block in weighted:
             total += weight
             if block is None:
                 continue
+            block = block.to(torch.float64)
             if self._single and not self.distributed:
-                return block.to(torch.float64)
-            out.add_(block.to(torch.float64), alpha=weight)
+                return block
+            out = block.mul_(weight) if out is None else out.add_(block, alpha=weight)
+        if out is None:
+            out = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if self.distributed:
             total = self._all_reduce(out, total)
         if total == 0:
@@ -347,9 +434,10 @@ class ModelOperator(CurvatureOperator):
         return int(round(float(buf[-1])))
 
     def _check_finite(self, out: torch.Tensor) -> None:
+        """Raise FloatingPointError naming the first parameter whose block of ``out`` (n,) or (k, n) is not finite."""
         if math.isfinite(out.sum()):  # one reduction: any nan/inf makes the sum non-finite
             return
-        for name, chunk in zip(self.param_names, torch.split(out, self.sizes, dim=1)):
+        for name, chunk in zip(self.param_names, out.split_with_sizes(self.sizes, dim=-1)):
             if not torch.isfinite(chunk).all():
                 raise FloatingPointError(
                     f"a {type(self).__name__} product is not finite in the block of parameter {name!r}; "

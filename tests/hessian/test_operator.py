@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvkit.hessian import HessianOperator
-from tests._models import dense_hessian, make_model, token_bag_twins
+from curvkit.hessian import GGNOperator, HessianOperator
+from tests._models import dense_hessian, hessian_case, make_model, token_bag_twins
 
 
 def _products(H, D, seed=0):
@@ -156,6 +156,82 @@ def test_float32_model_products_follow_parameter_dtype():
     assert H.dtype == torch.float32
     v = torch.randn(H.shape[0], dtype=torch.float64)
     torch.testing.assert_close(H @ v, D @ v, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- blocks of products
+
+
+@pytest.mark.parametrize("block_products", ["auto", "batched", "loop"])
+@pytest.mark.parametrize("kind", ["tanh_mlp", "conv_bn"])
+def test_every_way_of_computing_a_block_matches_the_dense_hessian(kind, block_products):
+    model, data, D = hessian_case(kind)
+    H = HessianOperator(model, F.cross_entropy, data, block_products=block_products)
+    V = torch.randn(D.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    for _ in range(H.BLOCK_TRIALS + 1):  # while the choice is measured, and after
+        torch.testing.assert_close(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(H @ V[:, 0], D @ V[:, 0], rtol=1e-10, atol=1e-12)
+
+
+def _costed(H, monkeypatch, single: float, batched: float) -> dict[str, int]:
+    """Make a single product cost ``single`` and a batched one ``batched`` per row on a fake clock; count calls."""
+    now, calls = [0.0], {"single": 0, "batched": 0}
+    product, batched_products = H._product, H._batched_products
+
+    def costed_product(state, v):
+        calls["single"] += 1
+        now[0] += single
+        return product(state, v)
+
+    def costed_batched(state, rows):
+        calls["batched"] += 1
+        now[0] += batched * len(rows)
+        return batched_products(state, rows)
+
+    monkeypatch.setattr(H, "_clock", lambda: now[0])
+    monkeypatch.setattr(H, "_product", costed_product)
+    monkeypatch.setattr(H, "_batched_products", costed_batched)
+    return calls
+
+
+@pytest.mark.parametrize(("batched", "way"), [(3.0, "loop"), (0.5, "batched")])
+def test_auto_keeps_the_cheaper_way_per_block_size(monkeypatch, batched, way):
+    model, data, D = hessian_case("tanh_mlp")
+    H = HessianOperator(model, F.cross_entropy, data)
+    calls = _costed(H, monkeypatch, single=1.0, batched=batched)
+    V = torch.randn(D.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(H.BLOCK_TRIALS):  # measured: the first row alone, the other three batched
+        torch.testing.assert_close(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+    assert calls == {"single": H.BLOCK_TRIALS, "batched": H.BLOCK_TRIALS}
+    torch.testing.assert_close(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+    want = {"single": H.BLOCK_TRIALS + 4, "batched": H.BLOCK_TRIALS} if way == "loop" else \
+        {"single": H.BLOCK_TRIALS, "batched": H.BLOCK_TRIALS + 1}
+    assert calls == want
+    H @ V[:, :3]  # another block size is measured afresh
+    assert calls == {"single": want["single"] + 1, "batched": want["batched"] + 1}
+
+
+def test_a_model_vmap_cannot_batch_gets_single_products(monkeypatch):
+    model, data, D = hessian_case("tanh_mlp")
+    H = HessianOperator(model, F.cross_entropy, data, block_products="batched")
+    calls = {"batched": 0}
+
+    def unbatchable(state, rows):
+        calls["batched"] += 1
+        raise RuntimeError("Batching rule not implemented for aten::something")
+
+    monkeypatch.setattr(H, "_batched_products", unbatchable)
+    V = torch.randn(D.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+    assert calls["batched"] == 1
+
+
+def test_bad_block_products_are_refused():
+    model, x, y = make_model("tanh_mlp")
+    with pytest.raises(ValueError, match="block_products must be one of"):
+        HessianOperator(model, F.cross_entropy, (x, y), block_products="vmap")
+    with pytest.raises(ValueError, match="GGNOperator has no batched pass"):
+        GGNOperator(model, F.cross_entropy, (x, y), block_products="batched")
 
 
 # ---------------------------------------------------------------- bad input
