@@ -64,10 +64,10 @@ class ProductBudget:
         self._count(V.shape[1])
         return matmat_float64(self.H, V)
 
-    def trace_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
-        """``k`` stratified trace samples of a dataset operator (``H.trace_samples``), counted as k products."""
+    def stratified_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        """``(n, k)`` stratified samples z * Hz (``H.stratified_samples``), counted as k products."""
         self._count(k)
-        return self.H.trace_samples(k, gen)
+        return self.H.stratified_samples(k, gen)
 
 
 def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:

@@ -166,22 +166,23 @@ class ModelOperator(CurvatureOperator):
 
     @property
     def stratified(self) -> bool:
-        """True when the data has more than one batch (or rank), so :meth:`trace_samples` can stratify the probes."""
+        """True when the data has more than one batch (or rank), so :meth:`stratified_samples` applies."""
         return not self._single or self.distributed
 
-    def trace_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
-        r"""``k`` independent unbiased estimates of tr(H), each with its own Rademacher probe per batch.
+    def stratified_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        r"""``k`` independent Hutchinson samples :math:`z \odot H z` with a probe of their own for every batch.
 
-        Stratified Hutchinson: with batch weights :math:`w_b = n_b / N` (over every rank's batches) and
-        independent probes :math:`z_{b,i}`,
+        With batch weights :math:`w_b = n_b / N` (over every rank's batches) and independent Rademacher
+        probes :math:`z_{b,i}`, sample i is
 
-        .. math:: t_i = \sum_b w_b\, z_{b,i}^\top H_b z_{b,i}, \qquad
-                  \operatorname{Var} t_i = \sum_b w_b^2 \operatorname{Var}(z^\top H_b z),
+        .. math:: s_i = \sum_b w_b\, z_{b,i} \odot H_b z_{b,i}, \qquad E[s_i] = \operatorname{diag} H,
 
-        against :math:`\operatorname{Var}(z^\top H z)` when one probe serves every batch. Where the batches'
-        Hessians agree, that is about 1/B of it for B equal batches; it can be larger only when the batches'
-        Hessians differ from their mean by more than B - 1 times its squared Frobenius norm (tiny batches).
-        A block of ``k`` costs one pass over the data, like ``H @ Z`` with k columns.
+        and its sum :math:`t_i = \sum_b w_b z_{b,i}^\top H_b z_{b,i}` estimates tr(H) with
+        :math:`\operatorname{Var} t_i = \sum_b w_b^2 \operatorname{Var}(z^\top H_b z)`, against
+        :math:`\operatorname{Var}(z^\top H z)` when one probe serves every batch (likewise entry by entry for
+        the diagonal). Where the batches' Hessians agree, that is about 1/B of it for B equal batches; it can be
+        larger only when the batches' Hessians differ from their mean by more than B - 1 times its squared
+        Frobenius norm (tiny batches). A block of ``k`` costs one pass over the data, like ``H @ Z`` with k columns.
         The probes come from a generator seeded by one draw from ``gen`` plus the rank, so ``gen`` advances
         identically on every rank and the ranks' probes differ.
 
@@ -190,31 +191,29 @@ class ModelOperator(CurvatureOperator):
             gen: the generator the seed is drawn from.
 
         Returns:
-            A ``(k,)`` float64 tensor (on the CPU), identical on every rank.
+            An ``(n, k)`` float64 tensor on the operator's device, identical on every rank.
 
         Raises:
-            FloatingPointError: a sample is not finite.
+            FloatingPointError: a sample is not finite (naming the parameter).
         """
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         local = torch.Generator(device=gen.device)
         local.manual_seed(seed + (dist.get_rank() if self.distributed else 0))
         n = self.shape[0]
-        samples = []
+        blocks = []
         for start in range(0, k, self.max_block):
             rows = min(self.max_block, k - start)
 
             def forms(rows=rows):
                 for weight, state in self._states():
-                    Z = rademacher_matrix(n, rows, local, self.device).T.to(self.dtype).contiguous()
-                    block = self._products(state, Z)
-                    yield weight, None if block is None else (block.double() * Z.double()).sum(1)
+                    Z = rademacher_matrix(n, rows, local, self.device).T.contiguous()
+                    block = self._products(state, Z.to(self.dtype))
+                    yield weight, None if block is None else block.double() * Z
 
-            samples.append(self._weighted_mean(torch.Size([rows]), forms()))
-        out = torch.cat(samples).cpu()
-        if not math.isfinite(out.sum()):
-            raise FloatingPointError(f"a {type(self).__name__} trace sample is not finite; check the model for "
-                                     "overflow (e.g. use float64)")
-        return out
+            blocks.append(self._weighted_mean(torch.Size([rows, n]), forms()))
+        out = torch.cat(blocks)
+        self._check_finite(out)
+        return out.T
 
     def loss(self) -> float:
         """The sample-weighted mean loss over the data (free on one batch: its state is cached).

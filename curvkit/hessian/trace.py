@@ -61,7 +61,7 @@ def _hutchinson(products: ProductBudget, gen, groups: list[torch.Tensor], rtol: 
 
     A block is as large as the variance so far says is still needed (+10%), up to one data pass. On an
     operator over several batches or ranks (``H.stratified``) the samples are stratified: each batch gets
-    its own probe (:meth:`~curvkit.hessian.model.ModelOperator.trace_samples`).
+    its own probe (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`).
     """
     n = products.H.shape[0]
     stratified = getattr(products.H, "stratified", False)
@@ -71,7 +71,7 @@ def _hutchinson(products: ProductBudget, gen, groups: list[torch.Tensor], rtol: 
             break
         k = products.next_block(max(2, math.ceil(1.1 * _still_needed(groups, rtol, products.left))))
         if stratified:
-            new = products.trace_samples(k, gen)
+            new = products.stratified_samples(k, gen).sum(0).cpu()
         else:
             Z = rademacher_matrix(n, k, gen, products.H.device)
             new = (Z * products(Z)).sum(0).cpu()
@@ -197,7 +197,8 @@ def _by_hutchinson(products: ProductBudget, gen, rtol: float, pilot: _Pilot | No
     """
     n = products.H.shape[0]
     stratified = getattr(products.H, "stratified", False)
-    first = products.trace_samples(min(PILOT, products.budget), gen) if pilot is None else pilot.samples
+    first = (products.stratified_samples(min(PILOT, products.budget), gen).sum(0).cpu() if pilot is None
+             else pilot.samples)
     if _hutchinson_needs_more_than(first, rtol, n) and n <= products.left:
         return _exact_trace(products, rtol)
     fresh = [torch.zeros(0, dtype=torch.float64)] if stratified and pilot is not None else []
@@ -235,7 +236,7 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
     reusing every pilot product. When the budget would exceed ``n`` anyway, the trace is computed
     exactly from n unit-vector products (standard error 0). Every method but ``"hutch++"`` starts
     from the same pilot. On an operator over several batches (or ranks), Hutchinson's samples after
-    the pilot are stratified (:meth:`~curvkit.hessian.model.ModelOperator.trace_samples`: each batch
+    the pilot are stratified (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`: each batch
     its own probe, for up to 1/B of the variance with B batches), and ``method="hutchinson"`` stratifies
     the pilot too. Hutchinson's blocks are sized to the probes the variance so far says are still needed.
 

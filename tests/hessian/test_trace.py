@@ -145,7 +145,7 @@ def test_stratified_samples_are_unbiased_with_the_stratified_variance():
     predicted = sum(w * w * _offdiagonal_variance(h) for w, h in zip(weights, hessians))
     operator = HessianOperator(model, F.cross_entropy, batches)
     assert operator.stratified
-    samples = operator.trace_samples(4000, make_generator(0))
+    samples = operator.stratified_samples(4000, make_generator(0)).sum(0)
     se = float(samples.std()) / 4000 ** 0.5
     assert abs(float(samples.mean()) - float(H.trace())) < 4 * se
     assert float(samples.var()) == pytest.approx(predicted, rel=0.15)
@@ -153,7 +153,7 @@ def test_stratified_samples_are_unbiased_with_the_stratified_variance():
 
 
 def test_stratified_samples_weight_unequal_batches_exactly():
-    """Diagonal batch Hessians make every sample exact: sum_b (n_b / N) tr H_b = tr H, whatever the probes."""
+    """Diagonal batch Hessians make every sample exact: sum_b (n_b / N) diag H_b = diag H, whatever the probes."""
     model = torch.nn.Linear(6, 1, bias=False).double()
     g = torch.Generator().manual_seed(1)
     coefficients = torch.rand(30, 6, generator=g, dtype=torch.float64)
@@ -163,8 +163,11 @@ def test_stratified_samples_weight_unequal_batches_exactly():
         return (batch["c"] * m.weight.square()).sum(1).mean()
 
     operator = HessianOperator(model, None, batches, forward=forward)
-    samples = operator.trace_samples(5, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(samples, torch.full((5,), 2 * float(coefficients.sum(1).mean())))
+    samples = operator.stratified_samples(5, torch.Generator().manual_seed(0))
+    exact = 2 * coefficients.mean(0)
+    torch.testing.assert_close(samples, exact[:, None].expand(6, 5))
+    result = diagonal(operator, max_matvecs=5, seed=0)  # n = 6 > 5 products: estimated, exact all the same
+    torch.testing.assert_close(result.estimate, exact)
 
 
 def test_dataset_trace_is_honest_with_stratified_probes():
