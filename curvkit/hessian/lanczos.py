@@ -149,7 +149,7 @@ class Lanczos:
         self._reorthogonalise(w, j + 1)                    # ... then full reorthogonalisation
         after = self._dot(w, w)
         alpha, before, after = torch.stack([alpha, before, after]).cpu().numpy()  # the step's one transfer
-        if np.any(after < REPEAT_BELOW**2 * before):        # cancellation: once more ("twice is enough")
+        if (after < REPEAT_BELOW**2 * before).any():          # cancellation: once more ("twice is enough")
             self._reorthogonalise(w, j + 1)
             after = self._dot(w, w).cpu().numpy()
         beta = np.sqrt(after)
