@@ -18,7 +18,7 @@ from .._utils.borrow import BorrowedLoss, ForwardFn, LossFn, ParamSpec, lacks_do
 from .check import check as run_check
 from .operator import CurvatureOperator
 
-MAX_BLOCK_CAP = 16     # the most rows max_block=None chooses: larger blocks stop paying on the CPU
+MAX_BLOCK_CAP = 16     # the most rows max_block=None chooses (the former fixed default)
 MEMORY_SHARE = 0.25    # max_block=None fits a block's extra memory in this share of the available memory
 
 
