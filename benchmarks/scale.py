@@ -17,7 +17,7 @@ the available memory). Printed per statistic: CPU time, products, the rise of pe
 process's resident memory before it (peak reset with ``/proc/self/clear_refs``), that rise in float64
 parameter vectors (8n bytes), and over the training step's.
 
-    python benchmarks/scale.py            # ~15 min on the shared 2-core machine
+    python benchmarks/scale.py            # ~20 min on the shared 2-core machine
     python benchmarks/scale.py --quick    # ~3 min: narrow models, for a smoke test
 """
 
