@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg.lapack import dstevd
 
 from .operator import matmat_float64, operator_eps
 
@@ -36,12 +36,20 @@ class Lanczos:
     32 MiB of them), whatever ``max_steps`` allows; reorthogonalisation is two batched matrix products per chunk.
     ``basis_dtype=torch.float32`` halves the basis memory; the Lanczos vectors are then orthonormal to
     float32 precision only, which bounds the attainable accuracy near 1e-7 relative to ||H||.
+    The scalars live on the host: a step moves its ``(3, b)`` inner products there in one transfer (the
+    reorthogonalisation test needs them anyway) and does its bookkeeping in numpy rather than in tiny tensors.
 
     Args:
         H: a symmetric operator (or dense tensor).
         V0: the start vectors, one column per recurrence (normalised here).
         max_steps: the most steps (products per recurrence); capped at n.
         basis_dtype: the dtype the Lanczos vectors are stored in (the arithmetic is float64).
+
+    Attributes:
+        alpha: ``(b, max_steps)`` float64 numpy array, the diagonals of the tridiagonals (zero past ``length``).
+        beta: ``(b, max_steps)`` float64 numpy array, their off-diagonals (``beta[:, m - 1]`` is beta_m).
+        length: ``(b,)`` the steps each recurrence has taken.
+        active: ``(b,)`` bool, the recurrences still running.
     """
 
     def __init__(self, H: Any, V0: torch.Tensor, max_steps: int, basis_dtype: torch.dtype = torch.float64):
@@ -59,10 +67,11 @@ class Lanczos:
         self.stored = 0
         self._append(rows * self._spread(self._dot(rows, rows).rsqrt()))
         r = self.recurrences
-        self.alpha = torch.zeros(r, self.max_steps, dtype=torch.float64)
-        self.beta = torch.zeros(r, self.max_steps, dtype=torch.float64)
-        self.length = torch.zeros(r, dtype=torch.long)
-        self.active = torch.ones(r, dtype=torch.bool)
+        self.alpha = np.zeros((r, self.max_steps))
+        self.beta = np.zeros((r, self.max_steps))
+        self.length = np.zeros(r, dtype=np.int64)
+        self.active = np.ones(r, dtype=bool)
+        self._beta_last = None
         self.steps = 0
         self._scale = 0.0
         self._breakdown = 100 * operator_eps(H)
@@ -125,7 +134,7 @@ class Lanczos:
     @property
     def done(self) -> bool:
         """Whether every recurrence has stopped (invariant subspace or ``max_steps``)."""
-        return self.steps >= self.max_steps or not bool(self.active.any())
+        return self.steps >= self.max_steps or not self.active.any()
 
     def step(self) -> None:
         """One Lanczos step of every recurrence (one product per row of the basis)."""
@@ -135,30 +144,49 @@ class Lanczos:
         alpha = self._dot(q, w)
         w -= q * self._spread(alpha)                       # the three-term recurrence ...
         if j > 0:
-            w -= self._vector(j - 1) * self._spread(self.beta[:, j - 1].to(w.device))
-        before = self._dot(w, w).sqrt()
+            w -= self._vector(j - 1) * self._spread(self._beta_last)
+        before = self._dot(w, w)
         self._reorthogonalise(w, j + 1)                    # ... then full reorthogonalisation
-        beta = self._dot(w, w).sqrt()
-        if bool((beta < REPEAT_BELOW * before).any()):      # cancellation: once more ("twice is enough")
+        after = self._dot(w, w)
+        alpha, before, after = torch.stack([alpha, before, after]).cpu().numpy()  # the step's one transfer
+        if (after < REPEAT_BELOW**2 * before).any():          # cancellation: once more ("twice is enough")
             self._reorthogonalise(w, j + 1)
-            beta = self._dot(w, w).sqrt()
-        active = self.active.to(beta.device)
-        self._scale = max(self._scale, float(alpha.abs().max()), float(beta.max()))
+            after = self._dot(w, w).cpu().numpy()
+        beta = np.sqrt(after)
+        active = self.active
+        self._scale = max(self._scale, float(np.abs(alpha).max()), float(beta.max()))
         broke = active & (beta <= self._breakdown * max(self._scale, 1e-300))
         keep = active & ~broke
-        self.alpha[:, j] = torch.where(active, alpha, 0).cpu()
-        self.beta[:, j] = torch.where(keep, beta, 0).cpu()
-        self.length[self.active] = j + 1
-        self._append(w * self._spread(torch.where(keep, 1 / beta.clamp_min(1e-300), 0)))
-        self.active &= ~broke.cpu()
+        self.alpha[:, j] = np.where(active, alpha, 0)
+        self.beta[:, j] = np.where(keep, beta, 0)
+        self.length[active] = j + 1
+        factors = np.stack([self.beta[:, j], np.where(keep, 1 / np.maximum(beta, 1e-300), 0)])
+        self._beta_last, inverse = torch.as_tensor(factors, device=w.device)
+        self._append(w * self._spread(inverse))
+        self.active = keep
         self.steps = j + 1
 
     def ritz(self, col: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), eigenvectors of T, and residual norms for recurrence ``col``."""
+        """Ritz values (ascending), eigenvectors of T, and residual norms for recurrence ``col``.
+
+        Calls LAPACK's ``dstevd`` (the driver of scipy's ``eigh_tridiagonal``) directly: the wrapper's
+        checks cost more than the decomposition of the small tridiagonals of a convergence test.
+
+        Args:
+            col: the recurrence.
+
+        Returns:
+            ``(theta, S, resid)``: the eigenvalues of T_m (ascending), its eigenvectors as the columns of
+            ``S`` ``(m, m)``, and the Ritz residual norms ``|beta_m S[m - 1, i]|``.
+
+        Raises:
+            numpy.linalg.LinAlgError: the decomposition did not converge.
+        """
         m = int(self.length[col])
-        a = self.alpha[col, :m].numpy()
-        b = self.beta[col, :m].numpy()
-        theta, S = eigh_tridiagonal(a, b[: m - 1], check_finite=False)
+        b = self.beta[col, :m]
+        theta, S, info = dstevd(self.alpha[col, :m], b[: max(m - 1, 1)])
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dstevd failed to converge (info={info}) on a Lanczos tridiagonal of size {m}")
         return theta, S, np.abs(b[m - 1] * S[m - 1, :])
 
     def vectors(self, S: np.ndarray, col: int = 0) -> torch.Tensor:

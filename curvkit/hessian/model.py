@@ -7,17 +7,70 @@ import math
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._utils.batches import as_batches, batch_size, empty_data_error, to_device
+from .._utils.batches import as_batches, batch_size, empty_data_error, inputs_of, to_device
 from .._utils.borrow import BorrowedLoss, ForwardFn, LossFn, ParamSpec, lacks_double_backward, select_parameters
 from .._utils.random import rademacher_matrix
 from .check import check as run_check
 from .operator import CurvatureOperator
+
+MAX_BLOCK_CAP = 16     # the most rows max_block=None chooses (the former fixed default)
+MEMORY_SHARE = 0.25    # max_block=None fits a block's extra memory in this share of the available memory
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``; None when unknown.
+
+    CUDA: the driver's free memory (``torch.cuda.mem_get_info``). CPU on Linux: ``MemAvailable`` of
+    ``/proc/meminfo``, capped by the room left under a cgroup v2 memory limit (a container's).
+
+    Args:
+        device: the device the products run on.
+
+    Returns:
+        The available bytes, or None on other devices and systems.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
+def block_rows(available: int | None, row_bytes: int) -> int:
+    """The rows of a block whose extra memory fits in ``MEMORY_SHARE`` of ``available``, within [1, 16].
+
+    Args:
+        available: the available bytes (None: unknown, then the cap).
+        row_bytes: the memory one more row of a block costs.
+
+    Returns:
+        ``clamp(floor(MEMORY_SHARE * available / row_bytes), 1, MAX_BLOCK_CAP)``.
+
+    >>> block_rows(8 * 2**30, 2**30), block_rows(2**30, 2**30), block_rows(None, 2**30)
+    (2, 1, 16)
+    """
+    if available is None:
+        return MAX_BLOCK_CAP
+    return max(1, min(MAX_BLOCK_CAP, int(MEMORY_SHARE * available) // max(row_bytes, 1)))
 
 
 def reraise_explained(err: RuntimeError, what: str):
@@ -85,7 +138,8 @@ class ModelOperator(CurvatureOperator):
         params: the parameters to differentiate: None (all trainable ones), names, globs or Parameters.
         forward: ``forward(model, batch) -> loss`` for batches that are not ``(inputs, targets)`` pairs.
         bn_mode: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics, running ones untouched).
-        max_block: the largest block of products computed in one pass over a batch.
+        max_block: the largest block of products computed in one pass over a batch. None (default):
+            chosen from the available memory at first use (:attr:`max_block`).
         block_products: how a block of products is computed: ``"auto"`` (the cheaper way per block size,
             measured), ``"batched"`` (one batched double backward) or ``"loop"`` (one product at a time).
         distributed: all-reduce over torch.distributed ranks (None: when a process group is initialised).
@@ -95,10 +149,10 @@ class ModelOperator(CurvatureOperator):
 
     Raises:
         TypeError: ``forward=`` given to an operator that does not accept it, or a bad loss/data type.
-        ValueError: bad ``params``, ``max_block``, ``block_products`` or ``bn_mode`` (``"batched"`` for an
-            operator without a batched pass), active Dropout in the model, or a model on
-            the meta device (materialise it with ``to_empty`` and ``load_state_dict``); on a
-            batch, a class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
+        ValueError: bad ``params``, ``max_block`` (neither None nor a positive integer), ``block_products`` or
+            ``bn_mode`` (``"batched"`` for an operator without a batched pass), active Dropout in the model, or a
+            model on the meta device (materialise it with ``to_empty`` and ``load_state_dict``); on a batch, a
+            class target of a cross-entropy or NLL loss that is neither a class of the outputs nor
             ``ignore_index``.
         RuntimeError: ``distributed=True`` without an initialised process group.
         FloatingPointError: ``check=True`` and the products disagree with finite differences.
@@ -110,7 +164,7 @@ class ModelOperator(CurvatureOperator):
     CHECK_HINT = "an operation in the model or loss_fn is not correctly twice differentiable"
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any, *, params: ParamSpec = None,
-                 forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int = 16,
+                 forward: ForwardFn | None = None, bn_mode: str = "eval", max_block: int | None = None,
                  block_products: str = "auto", distributed: bool | None = None, timeout: float = 300.0,
                  check: bool = False):
         if not self.ACCEPTS_FORWARD:
@@ -125,15 +179,16 @@ class ModelOperator(CurvatureOperator):
             forward = _model_outputs
         names, tensors = select_parameters(model, params)
         super().__init__(**self.of_tensors(tensors), names=names)
-        if not isinstance(max_block, int) or max_block < 1:
-            raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
+        if max_block is not None and (not isinstance(max_block, int) or max_block < 1):
+            raise ValueError(f"max_block must be a positive integer or None (chosen from the available memory), "
+                             f"got {max_block!r}")
         if block_products not in self.BLOCK_PRODUCTS:
             raise ValueError(f"block_products must be one of {self.BLOCK_PRODUCTS}, got {block_products!r}")
         if block_products == "batched" and self._batched_products is None:
             raise ValueError(f"{type(self).__name__} has no batched pass: use block_products='auto' or 'loop'")
         self.model = model
         self.loss_fn = loss_fn
-        self.max_block = max_block
+        self._max_block = max_block
         self.block_products = block_products
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         if self.distributed and not dist.is_initialized():
@@ -158,6 +213,52 @@ class ModelOperator(CurvatureOperator):
                 "autograd.Function whose backward is @once_differentiable, or treats a saved tensor as a constant). "
                 "Give it a differentiable backward, or restrict params= to parameters after it."
             )
+
+    @property
+    def max_block(self) -> int:
+        r"""The most product rows computed in one pass over a batch (a batched double backward).
+
+        Given at construction, or (``max_block=None``) chosen at first use from the available memory:
+        one more row of a block costs about A + 3 · 8n bytes, where A is what autograd saves for the
+        backward of one forward on the first batch (measured once with saved-tensor hooks; the batched
+        double backward holds about that much per row) and 8n bytes is one float64 parameter vector (the
+        row, its product and their float64 copies). The block is the most rows whose cost fits in
+        ``MEMORY_SHARE`` (1/4) of :func:`available_memory`, clamped to [1, ``MAX_BLOCK_CAP``] (16; the cap
+        when the memory is unknown). Under torch.distributed the ranks agree on their smallest choice.
+
+        Returns:
+            The block size in rows.
+        """
+        if self._max_block is None:
+            rows = block_rows(available_memory(self.device), self._activation_bytes() + 3 * 8 * self.shape[0])
+            if self.distributed:
+                agreed = torch.tensor([rows], device=self.device)
+                self._wait(dist.all_reduce(agreed, op=dist.ReduceOp.MIN, async_op=True))
+                rows = int(agreed)
+            self._max_block = rows
+        return self._max_block
+
+    def _activation_bytes(self) -> int:
+        """Bytes autograd saves for the backward of one forward on the first batch (0 without data).
+
+        The forward is the borrowed loss, or the model's outputs for operators that take no ``forward=``.
+        """
+        batch = next(iter(self._batches), None)
+        if batch is None:
+            return 0
+        if not self.ACCEPTS_FORWARD:
+            batch = inputs_of(batch)
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._loss.evaluate(leaves, to_device(batch, self.device))
+        return saved
 
     @property
     def single_batch(self) -> bool:
@@ -385,7 +486,8 @@ class ModelOperator(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         rows = V.new_empty(V.shape[::-1], dtype=self.dtype).copy_(V.T)  # cast and transpose in one pass
-        blocks = [self._block(rows[i:i + self.max_block]) for i in range(0, rows.shape[0], self.max_block)]
+        step = self.max_block if rows.shape[0] > 1 else 1   # single products never need the block size
+        blocks = [self._block(rows[i:i + step]) for i in range(0, rows.shape[0], step)]
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         self._check_finite(out)
         return out.T
@@ -421,7 +523,12 @@ class ModelOperator(CurvatureOperator):
     def _all_reduce(self, out: torch.Tensor, total: int) -> int:
         """Sum ``out`` and the sample count over ranks in one all-reduce; a dead or hung rank times out."""
         buf = torch.cat([out.reshape(-1), out.new_tensor([float(total)])])
-        work = dist.all_reduce(buf, async_op=True)
+        self._wait(dist.all_reduce(buf, async_op=True))
+        out.copy_(buf[:-1].view_as(out))
+        return int(round(float(buf[-1])))
+
+    def _wait(self, work: Any) -> None:
+        """Wait for an asynchronous collective; a dead or hung rank raises after ``timeout``."""
         try:
             finished = work.wait(timeout=self.timeout)
         except RuntimeError as err:
@@ -429,8 +536,6 @@ class ModelOperator(CurvatureOperator):
                                f"a rank died, hangs, or runs a different number of products ({err})") from err
         if finished is False:
             raise RuntimeError(f"a torch.distributed all-reduce did not finish within {self.timeout}")
-        out.copy_(buf[:-1].view_as(out))
-        return int(round(float(buf[-1])))
 
     def _check_finite(self, out: torch.Tensor) -> None:
         """Raise FloatingPointError naming the first parameter whose block of ``out`` (n,) or (k, n) is not finite."""
