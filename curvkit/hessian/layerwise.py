@@ -133,7 +133,11 @@ def _groups(model: nn.Module, H: Any, by: By) -> Groups:
 
 def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget: int, gen: torch.Generator,
                   progress: bool | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Hutchinson traces of all diagonal blocks from shared probes, until every block reaches ``rtol``."""
+    """Hutchinson traces of all diagonal blocks from the same probes, until every block reaches ``rtol``.
+
+    On an operator over several batches (or ranks) the probes are stratified, each batch its own
+    (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`).
+    """
     n = H.shape[0]
     valid = (ids >= 0).to(H.device)
     index = ids[ids >= 0].to(H.device)
@@ -142,8 +146,11 @@ def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget:
     with progress_bar(total=budget, desc="block traces", enable=progress) as bar:
         while moments.count < budget:
             k = min(block, budget - moments.count)
-            Z = rademacher_matrix(n, k, gen, H.device)
-            samples = (Z * matmat_float64(H, Z))[valid]
+            if getattr(H, "stratified", False):
+                samples = H.stratified_samples(k, gen)[valid]
+            else:
+                Z = rademacher_matrix(n, k, gen, H.device)
+                samples = (Z * matmat_float64(H, Z))[valid]
             moments.add(samples.new_zeros(n_groups, k).index_add_(0, index, samples))
             bar.update(k)
             if moments.count >= PILOT and bool((moments.stderr <= rtol * moments.mean.abs()).all()):

@@ -125,3 +125,29 @@ def test_operator_ggn_gives_the_blocks_of_the_dense_ggn():
                       eig_steps=200, seed=0, progress=False, bn_mode="eval")
     np.testing.assert_allclose(again["top_eig"].to_numpy(), exact_top, rtol=1e-6, atol=1e-9)
     assert calls == [["bn_mode"]]
+
+
+def test_block_traces_on_batches_use_stratified_probes_with_their_weights(monkeypatch):
+    """Diagonal batch Hessians: every stratified sample of every block is exact, so the blocks' traces are too.
+
+    Per-sample loss sum_j c_j u_j^2 + sum_j d_j v_j^2 (u, v: the two layers' weights) has the Hessian
+    diag(2 mean_i c_ij, 2 mean_i d_ij) over unequal batches, whatever the probes.
+    """
+    model = torch.nn.Sequential(torch.nn.Linear(6, 1, bias=False), torch.nn.Linear(4, 1, bias=False)).double()
+    g = torch.Generator().manual_seed(3)
+    c, d = torch.rand(30, 6, generator=g, dtype=torch.float64), torch.rand(30, 4, generator=g, dtype=torch.float64)
+    batches = [{"c": c[a:b], "d": d[a:b]} for a, b in ((0, 4), (4, 13), (13, 30))]
+
+    def forward(m, batch):
+        return ((batch["c"] * m[0].weight.square()).sum(1) + (batch["d"] * m[1].weight.square()).sum(1)).mean()
+
+    from curvkit.hessian import HessianOperator
+
+    drawn = []
+    original = HessianOperator.stratified_samples
+    monkeypatch.setattr(HessianOperator, "stratified_samples",
+                        lambda self, k, gen: drawn.append(k) or original(self, k, gen))
+    df = layerwise(model, None, batches, stats=("trace",), forward=forward, max_matvecs=12, seed=0)
+    assert sum(drawn) == 10  # the first block reached rtol (every sample exact)
+    np.testing.assert_allclose(df["trace"].to_numpy(), [2 * float(c.sum(1).mean()), 2 * float(d.sum(1).mean())])
+    np.testing.assert_allclose(df["trace_stderr"].to_numpy(), 0.0, atol=1e-12)
