@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._utils.random import rademacher_matrix
 from .operator import matmat_float64
 
 PILOT = 10          # probes before the first stopping decision (enough for a usable standard error)
@@ -64,10 +65,23 @@ class ProductBudget:
         self._count(V.shape[1])
         return matmat_float64(self.H, V)
 
-    def stratified_samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
-        """``(n, k)`` stratified samples z * Hz (``H.stratified_samples``), counted as k products."""
+    def samples(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        """:func:`hutchinson_samples` of ``H``, counted as k products."""
         self._count(k)
-        return self.H.stratified_samples(k, gen)
+        return hutchinson_samples(self.H, k, gen)
+
+
+def hutchinson_samples(H: Any, k: int, gen: torch.Generator) -> torch.Tensor:
+    r"""``(n, k)`` float64 Hutchinson samples :math:`z \odot H z`, each with expectation diag(H).
+
+    On an operator over several batches or ranks (``H.stratified``) each batch gets its own probe
+    (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`); otherwise one Rademacher probe
+    serves a column.
+    """
+    if getattr(H, "stratified", False):
+        return H.stratified_samples(k, gen)
+    Z = rademacher_matrix(H.shape[0], k, gen, H.device)
+    return Z * matmat_float64(H, Z)
 
 
 def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
@@ -75,25 +89,6 @@ def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
     m = samples.numel()
     mean = float(samples.mean())
     return mean, (float(samples.std()) / math.sqrt(m) if m > 1 else math.inf)
-
-
-def pooled(groups: list[torch.Tensor]) -> tuple[float, float, float]:
-    r"""The mean of all samples in ``groups``, its standard error and Welch-Satterthwaite degrees of freedom.
-
-    Each group is i.i.d. with its own variance (e.g. shared-probe pilot samples, then stratified ones), so
-    with :math:`M = \sum_g m_g`, :math:`\operatorname{Var}(\bar t) = \sum_g m_g s_g^2 / M^2` and
-    :math:`\nu = (\sum_g a_g)^2 / \sum_g a_g^2 / (m_g - 1)`, :math:`a_g = m_g s_g^2 / M^2`.
-    The standard error is inf while a non-empty group has a single sample.
-    """
-    groups = [g for g in groups if g.numel()]
-    m = sum(g.numel() for g in groups)
-    mean = float(sum(g.sum() for g in groups)) / m
-    if any(g.numel() < 2 for g in groups):
-        return mean, math.inf, 1.0
-    parts = [g.numel() * float(g.var()) / m**2 for g in groups]
-    total = sum(parts)
-    dof = total**2 / sum(a * a / (g.numel() - 1) for a, g in zip(parts, groups)) if total > 0 else m - 1.0
-    return mean, math.sqrt(total), dof
 
 
 def reached(samples: torch.Tensor, rtol: float) -> bool:

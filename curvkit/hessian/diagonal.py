@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._utils.progress import progress_bar
-from .._utils.random import Seed, make_generator, rademacher_matrix
+from .._utils.random import Seed, make_generator
 from .._utils.stats import RunningMoments
 from ._probing import ProductBudget, check_budget, exact_diagonal
 from .operator import check_operator
@@ -54,10 +54,5 @@ def diagonal(H: Any, max_matvecs: int | None = None, seed: Seed = None,
             return DiagResult(diag, torch.zeros(n, dtype=torch.float64), products.used)
         moments = RunningMoments(n, device=H.device)
         while products.left > 0:
-            k = products.next_block()
-            if getattr(H, "stratified", False):
-                moments.add(products.stratified_samples(k, gen))
-            else:
-                Z = rademacher_matrix(n, k, gen, H.device)
-                moments.add(Z * products(Z))
+            moments.add(products.samples(products.next_block(), gen))
         return DiagResult(moments.mean, moments.stderr, moments.count)

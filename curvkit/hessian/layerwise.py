@@ -21,9 +21,9 @@ from torch import nn
 
 from .._utils.layers import WEIGHT_LAYERS, qualified
 from .._utils.progress import progress_bar
-from .._utils.random import Seed, gaussian, make_generator, rademacher_matrix
+from .._utils.random import Seed, gaussian, make_generator
 from .._utils.stats import RunningMoments
-from ._probing import PILOT, check_budget
+from ._probing import PILOT, check_budget, hutchinson_samples
 from .eigen import error_bounds
 from .factory import OperatorSpec, build_operator
 from .lanczos import SegmentedLanczos
@@ -138,7 +138,6 @@ def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget:
     On an operator over several batches (or ranks) the probes are stratified, each batch its own
     (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`).
     """
-    n = H.shape[0]
     valid = (ids >= 0).to(H.device)
     index = ids[ids >= 0].to(H.device)
     moments = RunningMoments(n_groups, device=H.device)
@@ -146,11 +145,7 @@ def _block_traces(H: Any, ids: torch.Tensor, n_groups: int, rtol: float, budget:
     with progress_bar(total=budget, desc="block traces", enable=progress) as bar:
         while moments.count < budget:
             k = min(block, budget - moments.count)
-            if getattr(H, "stratified", False):
-                samples = H.stratified_samples(k, gen)[valid]
-            else:
-                Z = rademacher_matrix(n, k, gen, H.device)
-                samples = (Z * matmat_float64(H, Z))[valid]
+            samples = hutchinson_samples(H, k, gen)[valid]
             moments.add(samples.new_zeros(n_groups, k).index_add_(0, index, samples))
             bar.update(k)
             if moments.count >= PILOT and bool((moments.stderr <= rtol * moments.mean.abs()).all()):

@@ -307,7 +307,7 @@ class ModelOperator(CurvatureOperator):
 
             def forms(rows=rows):
                 for weight, state in self._states():
-                    Z = rademacher_matrix(n, rows, local, self.device).T.contiguous()
+                    Z = rademacher_matrix(rows, n, local, self.device)  # one probe per row
                     block = self._products(state, Z.to(self.dtype))
                     yield weight, None if block is None else block.double() * Z
 

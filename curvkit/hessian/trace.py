@@ -21,7 +21,7 @@ from scipy.stats import t as student_t
 
 from .._utils.progress import progress_bar
 from .._utils.random import Seed, make_generator, rademacher_matrix
-from ._probing import PILOT, ProductBudget, check_budget, exact_diagonal, mean_and_error, pooled, reached
+from ._probing import PILOT, ProductBudget, check_budget, exact_diagonal, mean_and_error, reached
 from .operator import check_operator, operator_eps
 from .results import TraceResult
 
@@ -29,7 +29,7 @@ DEFAULT_TRACE_BUDGET = 1000
 LOW_RANK_SHARE = 0.25   # auto: XTrace when a rank-5 sketch leaves less than this share of ||H||_F^2
 
 
-def _trace_result(estimate: float, stderr: float, dof: float, matvecs: int, method: str, rtol: float) -> TraceResult:
+def _trace_result(estimate: float, stderr: float, dof: int, matvecs: int, method: str, rtol: float) -> TraceResult:
     half = 0.0 if stderr == 0 else float(student_t.ppf(0.975, max(dof, 1))) * stderr
     converged = stderr <= rtol * abs(estimate)
     return TraceResult(estimate, stderr, (estimate - half, estimate + half), matvecs, method, converged)
@@ -40,43 +40,24 @@ def _exact_trace(products: ProductBudget, rtol: float) -> TraceResult:
     return _trace_result(float(exact_diagonal(products, n).sum()), 0.0, 1, products.used, "exact", rtol)
 
 
-def _still_needed(groups: list[torch.Tensor], rtol: float, most: int) -> int:
-    """How many more samples of the last group the pooled mean needs for ``rtol`` (at the current variances).
+def _still_needed(samples: torch.Tensor, rtol: float, most: int) -> int:
+    """How many more samples the mean needs for ``rtol`` at the sample variance so far (1 to ``most``)."""
+    mean = float(samples.mean())
+    if mean == 0:
+        return most
+    return max(1, min(most, math.ceil(float(samples.var()) / (rtol * mean) ** 2) - samples.numel()))
 
-    A group with fewer than 2 samples is taken to have the first group's variance; at most ``most``.
+
+def _hutchinson(products: ProductBudget, gen, samples: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Add samples z^T H z, a block at a time, until ``rtol`` or the budget is reached.
+
+    A block is as large as the variance so far says is still needed (+10%), up to one data pass; the
+    samples are stratified on an operator over several batches or ranks (``_probing.hutchinson_samples``).
     """
-    mean, _, _ = pooled(groups)
-    counts = [g.numel() for g in groups]
-    variances = [float(g.var()) if g.numel() > 1 else float(groups[0].var()) for g in groups]
-    fixed = sum(m * v for m, v in zip(counts[:-1], variances[:-1]))
-    target, total = (rtol * mean) ** 2, sum(counts)
-    for extra in range(1, most + 1):
-        if (fixed + (counts[-1] + extra) * variances[-1]) <= target * (total + extra) ** 2:
-            return extra
-    return most
-
-
-def _hutchinson(products: ProductBudget, gen, groups: list[torch.Tensor], rtol: float) -> list[torch.Tensor]:
-    """Add samples z^T H z to the last group, a block at a time, until ``rtol`` or the budget is reached.
-
-    A block is as large as the variance so far says is still needed (+10%), up to one data pass. On an
-    operator over several batches or ranks (``H.stratified``) the samples are stratified: each batch gets
-    its own probe (:meth:`~curvkit.hessian.model.ModelOperator.stratified_samples`).
-    """
-    n = products.H.shape[0]
-    stratified = getattr(products.H, "stratified", False)
-    while products.left > 0:
-        mean, se, _ = pooled(groups)
-        if se <= rtol * abs(mean):
-            break
-        k = products.next_block(max(2, math.ceil(1.1 * _still_needed(groups, rtol, products.left))))
-        if stratified:
-            new = products.stratified_samples(k, gen).sum(0).cpu()
-        else:
-            Z = rademacher_matrix(n, k, gen, products.H.device)
-            new = (Z * products(Z)).sum(0).cpu()
-        groups[-1] = torch.cat([groups[-1], new])
-    return groups
+    while products.left > 0 and not reached(samples, rtol):
+        k = products.next_block(max(2, math.ceil(1.1 * _still_needed(samples, rtol, products.left))))
+        samples = torch.cat([samples, products.samples(k, gen).sum(0).cpu()])
+    return samples
 
 
 def _hutchinson_needs_more_than(samples: torch.Tensor, rtol: float, n: int) -> bool:
@@ -192,18 +173,15 @@ def _pilot(products: ProductBudget, gen: torch.Generator) -> _Pilot:
 def _by_hutchinson(products: ProductBudget, gen, rtol: float, pilot: _Pilot | None) -> TraceResult:
     """Hutchinson from the pilot on, or the exact trace when Hutchinson would need n products or more.
 
-    Without a pilot (``method="hutchinson"`` on a stratified operator) the first ``PILOT`` samples are
-    stratified too; after a shared-probe pilot, stratified samples form a group of their own.
+    Without a pilot (a stratified operator) the first ``PILOT`` samples take the pilot's place.
     """
     n = products.H.shape[0]
-    stratified = getattr(products.H, "stratified", False)
-    first = (products.stratified_samples(min(PILOT, products.budget), gen).sum(0).cpu() if pilot is None
-             else pilot.samples)
+    first = products.samples(min(PILOT, products.budget), gen).sum(0).cpu() if pilot is None else pilot.samples
     if _hutchinson_needs_more_than(first, rtol, n) and n <= products.left:
         return _exact_trace(products, rtol)
-    fresh = [torch.zeros(0, dtype=torch.float64)] if stratified and pilot is not None else []
-    mean, se, dof = pooled(_hutchinson(products, gen, [first, *fresh], rtol))
-    return _trace_result(mean, se, dof, products.used, "hutchinson", rtol)
+    samples = _hutchinson(products, gen, first, rtol)
+    mean, se = mean_and_error(samples)
+    return _trace_result(mean, se, samples.numel() - 1, products.used, "hutchinson", rtol)
 
 
 def _by_xtrace(products: ProductBudget, gen, rtol: float, pilot: _Pilot) -> TraceResult:
@@ -275,10 +253,10 @@ def trace(H: Any, rtol: float = 0.02, max_matvecs: int | None = None, method: st
         products = ProductBudget(H, budget, bar)
         if n <= min(PILOT, budget):
             return _exact_trace(products, rtol)
-        if method == "auto" and getattr(H, "stratified", False):
+        stratified = getattr(H, "stratified", False)
+        if method == "auto" and stratified:
             method = "hutchinson"  # stratified from the first probe; XTrace would need shared probes
-        stratified_pilot = method == "hutchinson" and getattr(H, "stratified", False)
-        pilot = None if method == "hutch++" or stratified_pilot else _pilot(products, gen)
+        pilot = None if method == "hutch++" or (method == "hutchinson" and stratified) else _pilot(products, gen)
         result = METHODS[method](products, gen, rtol, pilot)
     if not result.converged:
         warnings.warn(

@@ -182,14 +182,3 @@ def test_dataset_trace_is_honest_with_stratified_probes():
     assert np.mean([r.ci95[0] <= truth <= r.ci95[1] for r in runs]) >= 0.85
     assert np.sqrt(np.mean([(r.estimate / truth - 1) ** 2 for r in runs])) < 0.2
 
-
-def test_pooled_groups_follow_welch_satterthwaite():
-    from curvkit.hessian._probing import pooled
-
-    a, b = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), torch.tensor([3.0, 3.5], dtype=torch.float64)
-    mean, se, dof = pooled([a, b, torch.zeros(0, dtype=torch.float64)])
-    parts = [3 * float(a.var()) / 25, 2 * float(b.var()) / 25]
-    assert mean == pytest.approx(13.5 / 5)
-    assert se == pytest.approx(sum(parts) ** 0.5)
-    assert dof == pytest.approx(sum(parts) ** 2 / (parts[0] ** 2 / 2 + parts[1] ** 2 / 1))
-    assert pooled([a, torch.tensor([5.0], dtype=torch.float64)])[1] == float("inf")
